@@ -16,8 +16,9 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.flatten_util import ravel_pytree
+
+from flatjax.losses import chunked_mean, cross_entropy
 
 Array = jax.Array
 PyTree = Any
@@ -331,46 +332,9 @@ def model_loss(model, variables: PyTree, *, batch_norm: str = "train",
   return chunk_loss
 
 
-def cross_entropy(logits: Array, labels: Array) -> Array:
-  """Mean softmax cross-entropy with integer labels."""
-  logp = jax.nn.log_softmax(logits)
-  return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
-
-
-def chunked_mean(fn: Callable[[Array, Array, Array], PyTree], x: Array, y: Array,
-                 chunk_size: int) -> PyTree:
-  """Example-weighted mean of ``fn(x_chunk, y_chunk, chunk_index)`` over fixed-size chunks.
-
-  ``fn`` returns a mean over its chunk; full chunks run in a ``lax.scan`` and a last partial chunk
-  of ``N % chunk_size`` examples is weighted by its size, so the result is the mean over all N.
-  """
-  n = x.shape[0]
-  if chunk_size < 1:
-    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-  chunk_size = min(chunk_size, n)
-  num_full, rest = divmod(n, chunk_size)
-  split = num_full * chunk_size
-  xs = x[:split].reshape(num_full, chunk_size, *x.shape[1:])
-  ys = y[:split].reshape(num_full, chunk_size, *y.shape[1:])
-
-  def body(total, chunk):
-    i, xc, yc = chunk
-    return jax.tree.map(jnp.add, total, fn(xc, yc, i)), None
-
-  index = jnp.arange(num_full)
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                       jax.eval_shape(fn, xs[0], ys[0], index[0]))
-  total, _ = jax.lax.scan(body, zeros, (index, xs, ys))
-  total = jax.tree.map(lambda t: t * chunk_size, total)
-  if rest:
-    last = fn(x[split:], y[split:], jnp.asarray(num_full))
-    total = jax.tree.map(lambda t, l: t + rest * l, total, last)
-  return jax.tree.map(lambda t: t / n, total)
-
-
 def dataset_loss(chunk_loss: ChunkLoss, params: PyTree, x: Array, y: Array,
                  chunk_size: int) -> Array:
-  """Mean loss over a dataset evaluated in chunks (see :func:`chunked_mean`)."""
+  """Mean loss over a dataset evaluated in chunks (see :func:`flatjax.losses.chunked_mean`)."""
   return chunked_mean(lambda xc, yc, i: chunk_loss(params, xc, yc, i), x, y, chunk_size)
 
 

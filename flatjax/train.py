@@ -53,6 +53,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from flatjax.losses import chunked_mean, cross_entropy
+
 RUNNING, CONVERGED, NOT_CONVERGED, DIVERGED = 0, 1, 2, 3
 STATUS_NAMES = ("running", "converged", "not_converged", "diverged")
 
@@ -177,11 +179,6 @@ class Optimizer(NamedTuple):
 SGD = Optimizer()
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example cross-entropy of integer labels."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
 def train_mode_loss(model, dropout_key):
     """`loss(params, batch, batch_stats) -> (mean loss, new batch_stats)` in train mode."""
 
@@ -193,7 +190,7 @@ def train_mode_loss(model, dropout_key):
             rngs={"dropout": dropout_key},
             mutable=["batch_stats"],
         )
-        return cross_entropy(logits, batch.y).mean(), mutated["batch_stats"]
+        return cross_entropy(logits, batch.y), mutated["batch_stats"]
 
     return loss
 
@@ -217,26 +214,13 @@ def train_step(
 
 def evaluate(model, params, batch_stats, x, y, chunk_size: int):
     """Eval-mode mean loss and accuracy over all of (x, y), in chunks of `chunk_size`."""
-    n = x.shape[0]
-    chunk_size = min(chunk_size, n)
-    num_chunks, rest = divmod(n, chunk_size)
     variables = {"params": params, "batch_stats": batch_stats}
 
-    def sums(xc, yc):
+    def metrics(xc, yc, _):
         logits = model.apply(variables, xc, train=False)
-        return cross_entropy(logits, yc).sum(), (logits.argmax(-1) == yc).sum()
+        return cross_entropy(logits, yc), jnp.mean(logits.argmax(-1) == yc, dtype=jnp.float32)
 
-    def body(total, i):
-        xc = jax.lax.dynamic_slice_in_dim(x, i * chunk_size, chunk_size)
-        yc = jax.lax.dynamic_slice_in_dim(y, i * chunk_size, chunk_size)
-        return jax.tree.map(jnp.add, total, sums(xc, yc)), None
-
-    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-    total, _ = jax.lax.scan(body, zero, jnp.arange(num_chunks))
-    if rest:
-        total = jax.tree.map(jnp.add, total, sums(x[n - rest :], y[n - rest :]))
-    loss_sum, correct = total
-    return loss_sum / n, correct.astype(jnp.float32) / n
+    return chunked_mean(metrics, x, y, chunk_size)
 
 
 def split_epoch_key(key):
