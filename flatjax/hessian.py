@@ -312,7 +312,7 @@ def model_loss(model, variables: PyTree, *, batch_norm: str = "train",
       with the chunk index so that every chunk has a fixed mask.
   """
   _check_choice("batch_norm", batch_norm, BATCH_NORM_MODES)
-  has_bn = "batch_stats" in variables
+  has_bn = bool(variables.get("batch_stats"))
   bn_train = has_bn and batch_norm == "train"
   dropout_on = dropout_key is not None
   if has_bn and bn_train != dropout_on and _has_dropout(model):

@@ -1,0 +1,125 @@
+"""The experiments and their presets, as plain data (flat settings keyed by flag name).
+
+Each preset is merged over its experiment's `base`, and command-line flags over both
+(`resolve`). Tune a preset by editing its dict here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from flatjax.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """A grid and a figure: settings shared by all presets, the presets, and a note to print."""
+
+    figure: str
+    base: Mapping
+    presets: Mapping[str, Mapping]
+    note: str = ""
+
+
+BATCH_LR = Experiment(
+    figure="batch_lr",
+    note="The learning-rate and batch-size grids are our choice: the paper does not publish "
+         "them (PAPER.md).",
+    base=dict(dataset="cifar10", model="vgg11", optimizer="sgd", target_acc=0.99),
+    presets={
+        # The smallest sweep through every step, a check rather than a result: about 2.5 minutes
+        # on 2 busy CPU cores, most of it XLA compilation (two programs per batch size).
+        "smoke": dict(train_subset=256, width=0.0625, batch_sizes=(32, 128), lrs=(0.05, 0.2),
+                      seeds=2, max_epochs=2, lambda_subset=128, lambda_iters=20,
+                      checkpoint_every=1),
+        # A first guess for 2 CPU cores, to be tuned once convolutions are fast on the CPU.
+        "cpu": dict(train_subset=1000, width=0.25, batch_sizes=(50, 500),
+                    lrs=(0.01, 0.02, 0.05, 0.1), seeds=2, max_epochs=40, lambda_subset=256,
+                    lambda_iters=50, checkpoint_every=5),
+        # Full CIFAR-10, full-width VGG11; LRs doubling up to where training diverges.
+        "paper": dict(train_subset=None, width=1.0, batch_sizes=(100, 1000),
+                      lrs=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64), seeds=3,
+                      max_epochs=200, lambda_subset=1000, checkpoint_every=5, lambda_members=4),
+    },
+)
+
+SAM_RHO = Experiment(
+    figure="sam_rho",
+    note="The rho grid follows PAPER.md; the batch sizes and the learning rate are our choice: "
+         "the paper does not publish them.",
+    base=dict(dataset="cifar10", model="vgg11", optimizer="sam", target_acc=0.99,
+              rhos=(0.0, 0.01, 0.02, 0.05, 0.1, 0.2)),
+    presets={
+        "smoke": dict(train_subset=256, width=0.0625, batch_sizes=(32, 128), lrs=(0.1,),
+                      rhos=(0.0, 0.1), seeds=1, max_epochs=2, lambda_subset=128, lambda_iters=20,
+                      checkpoint_every=1),
+        "cpu": dict(train_subset=1000, width=0.25, batch_sizes=(50, 500), lrs=(0.05,),
+                    rhos=(0.0, 0.05, 0.2), seeds=1, max_epochs=30, lambda_subset=1000,
+                    lambda_iters=50, checkpoint_every=5),
+        "paper": dict(train_subset=None, width=1.0, batch_sizes=(100, 1000), lrs=(0.05,),
+                      seeds=3, max_epochs=200, lambda_subset=1000, checkpoint_every=5,
+                      lambda_members=4),
+    },
+)
+
+BATCHNORM = Experiment(
+    figure="batchnorm",
+    note="The learning-rate and batch-size grids are our choice: the paper does not publish "
+         "them (PAPER.md). lambda_max of BatchNorm networks: train mode, ghost batches of the "
+         "training batch size; below the between-iterates LR, the largest of 8 interpolations "
+         "between the final weights and one more SGD step.",
+    base=dict(dataset="cifar10", model="vgg11", optimizer="sgd", target_acc=0.99,
+              batch_norms=(False, True)),
+    presets={
+        "smoke": dict(train_subset=256, width=0.0625, batch_sizes=(64,), lrs=(0.02, 0.2),
+                      seeds=1, max_epochs=2, lambda_subset=128, lambda_iters=20,
+                      between_iterates_below_lr=0.05, between_iterates_points=3,
+                      checkpoint_every=1),
+        "cpu": dict(train_subset=1000, width=0.25, batch_sizes=(50, 500),
+                    lrs=(0.01, 0.05, 0.2), seeds=1, max_epochs=30, lambda_subset=1000,
+                    lambda_iters=50, between_iterates_below_lr=0.02, checkpoint_every=5),
+        "paper": dict(train_subset=None, width=1.0, batch_sizes=(100, 1000),
+                      lrs=tuple(0.005 * 2**k for k in range(8)), seeds=3, max_epochs=200,
+                      lambda_subset=1000, between_iterates_below_lr=0.02, checkpoint_every=5,
+                      lambda_members=4),
+    },
+)
+
+DROPOUT = Experiment(
+    figure="dropout",
+    note="The dropout rates are the reference code's; the batch size and learning rate are our "
+         "choice. lambda_max is taken in eval mode (dropout off).",
+    base=dict(dataset="fashion_mnist", model="mlp", optimizer="sgd", target_acc=0.99,
+              dropouts=(0.0, 0.1, 0.2, 0.5, 0.6, 0.7)),
+    presets={
+        "smoke": dict(train_subset=1000, batch_sizes=(100,), lrs=(0.1,), dropouts=(0.0, 0.5),
+                      seeds=1, max_epochs=2, lambda_subset=200, lambda_iters=20,
+                      checkpoint_every=1),
+        "cpu": dict(train_subset=None, batch_sizes=(100,), lrs=(0.1,), seeds=3, max_epochs=30,
+                    lambda_subset=1000, lambda_iters=50, checkpoint_every=5),
+        "paper": dict(train_subset=None, batch_sizes=(100,), lrs=(0.1,), seeds=5,
+                      max_epochs=500, lambda_subset=1000, checkpoint_every=10),
+    },
+)
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "batch_lr": BATCH_LR, "sam_rho": SAM_RHO, "batchnorm": BATCHNORM, "dropout": DROPOUT}
+
+
+def get_experiment(name: str, experiments: Mapping[str, Experiment] = EXPERIMENTS) -> Experiment:
+    """The experiment `name`; ConfigError naming the known ones otherwise."""
+    if name not in experiments:
+        raise ConfigError(f"unknown experiment {name!r}; known: {', '.join(experiments)}")
+    return experiments[name]
+
+
+def resolve(name: str, preset: str, overrides: Mapping,
+            experiments: Mapping[str, Experiment] = EXPERIMENTS) -> dict:
+    """Flat settings of experiment `name` at `preset`, with `overrides` (flag values) on top."""
+    experiment = get_experiment(name, experiments)
+    if preset not in experiment.presets:
+        raise ConfigError(f"unknown preset {preset!r} for experiment {name!r}; "
+                          f"known: {', '.join(experiment.presets)}")
+    return {**experiment.base, **experiment.presets[preset], **overrides,
+            "experiment": name, "preset": preset, "figure": experiment.figure}

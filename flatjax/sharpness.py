@@ -1,0 +1,158 @@
+"""lambda_max of every member of a trained group, in vmapped calls.
+
+Two measures (PAPER.md, "lambda_max"):
+- "final": lambda_max at the final weights.
+- "between_iterates" (BatchNorm networks whose LR is below a threshold): one more step of the
+  run's optimizer (plain SGD in the paper) from the final state, on the first minibatch of the
+  epoch the run would have trained next, then the largest lambda_max over evenly spaced
+  interpolations of the two variable sets (BatchNorm statistics included); the residual
+  reported is that of the largest point, the HVP count the sum over points.
+
+Diverged members are not measured: their cells are NaN and their method is "".
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flatjax import hessian
+from flatjax import train as train_lib
+from flatjax.data import strided_subset
+
+FINAL, BETWEEN_ITERATES = "final", "between_iterates"
+
+
+class Sharpness(NamedTuple):
+    """Per-member lambda_max results (NaN and "" for members not measured)."""
+
+    eigenvalue: np.ndarray
+    residual: np.ndarray
+    num_hvps: np.ndarray
+    converged: np.ndarray
+    method: list
+
+
+def model_variables(params, batch_stats) -> dict:
+    """Flax variables; `batch_stats` only when the model has any."""
+    return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def lambda_settings(config) -> tuple:
+    """`hessian.lambda_max` keyword arguments from a SweepConfig, as sorted (name, value) pairs."""
+    settings = {"batch_norm": config.lambda_batch_norm, "subset_size": None,
+                "num_iters": config.lambda_iters}
+    if config.lambda_tol is not None:
+        settings["tol"] = config.lambda_tol
+    return tuple(sorted(settings.items()))
+
+
+def map_members(fn, tree, members_per_call: int):
+    """fn over the leading member axis of `tree`: one vmap, or chunks of `members_per_call`."""
+    if members_per_call:
+        return jax.lax.map(fn, tree, batch_size=members_per_call)
+    return jax.vmap(fn)(tree)
+
+
+def measure(model, variables, x, y, batch_size: int, settings: tuple):
+    """(eigenvalue, residual, HVPs, converged) of lambda_max at `variables`."""
+    r = hessian.lambda_max(model, variables, x, y, batch_size=batch_size, **dict(settings))
+    return r.eigenvalue, r.residual, r.num_hvps, r.converged
+
+
+@functools.lru_cache(maxsize=32)
+def final_program(model, batch_size: int, settings: tuple, members_per_call: int):
+    """Jitted `(state, x, y) ->` per-member `measure` at the final weights."""
+
+    def one(member, x, y):
+        variables = model_variables(member.params, member.batch_stats)
+        return measure(model, variables, x, y, batch_size, settings)
+
+    return jax.jit(lambda state, x, y: map_members(lambda m: one(m, x, y), state,
+                                                   members_per_call))
+
+
+def next_step_variables(model, optimizer, batch_size: int, member: train_lib.TrainState, x, y):
+    """One member's variables after one more step, on the first minibatch of its next epoch."""
+    _, perm_key, dropout_key = train_lib.split_epoch_key(member.key)
+    first = train_lib.epoch_batches(perm_key, x.shape[0], batch_size)[0][0]
+    tx = optimizer.make(member.hparams)
+    params, batch_stats, _, _ = train_lib.train_step(
+        model, optimizer, tx, member.params, member.batch_stats, member.opt_state,
+        train_lib.Batch(x[first], y[first]), jax.random.fold_in(dropout_key, 0))
+    return model_variables(params, batch_stats)
+
+
+@functools.lru_cache(maxsize=32)
+def between_iterates_program(model, optimizer, batch_size: int, num_points: int,
+                             settings: tuple, members_per_call: int):
+    """Jitted `(state, x_train, y_train, x, y) ->` per-member largest `measure` between iterates."""
+    ts = jnp.linspace(0.0, 1.0, num_points)
+
+    def one(member, x_train, y_train, x, y):
+        start = model_variables(member.params, member.batch_stats)
+        end = next_step_variables(model, optimizer, batch_size, member, x_train, y_train)
+
+        def at(t):
+            mixed = jax.tree.map(lambda a, b: (1 - t) * a + t * b, start, end)
+            return measure(model, mixed, x, y, batch_size, settings)
+
+        values, residuals, hvps, converged = jax.lax.map(at, ts)
+        top = jnp.argmax(values)
+        return values[top], residuals[top], hvps.sum(), converged[top]
+
+    return jax.jit(lambda state, *data: map_members(lambda m: one(m, *data), state,
+                                                    members_per_call))
+
+
+def group_sharpness(model, optimizer, config, batch_size: int, batch_norm: bool, lrs,
+                    members_per_call: int, state: train_lib.TrainState, status: list,
+                    data) -> Sharpness:
+    """lambda_max of every member of a trained group's final `state` (module docstring).
+
+    Args:
+      model, optimizer: those the group was trained with.
+      config: the SweepConfig (lambda_* settings and the between-iterates threshold).
+      batch_size, batch_norm: the group's.
+      lrs: the members' configured learning rates (compared with the threshold).
+      members_per_call: see `map_members`.
+      state: the final TrainState (leading member axis).
+      status: the members' status names.
+      data: the training data (x_train, y_train); the measure uses its strided subset.
+    """
+    n = len(status)
+    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    subset = config.lambda_subset or len(data.x_train)
+    x, y = (jnp.asarray(a) for a in strided_subset(data.x_train, data.y_train, subset))
+    settings = lambda_settings(config)
+    measured = np.array([s != "diverged" for s in status])
+    between = np.zeros(n, bool)
+    if batch_norm and config.between_iterates_below_lr is not None:
+        between = measured & (np.asarray(lrs) < config.between_iterates_below_lr)
+
+    def final(s):
+        return final_program(model, batch_size, settings, members_per_call)(s, x, y)
+
+    def between_iterates(s):
+        program = between_iterates_program(model, optimizer, batch_size,
+                                           config.between_iterates_points, settings,
+                                           members_per_call)
+        return program(s, x_train, y_train, x, y)
+
+    columns = [np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, bool)]
+    method = [""] * n
+    for mask, name, measure in ((measured & ~between, FINAL, final),
+                                (between, BETWEEN_ITERATES, between_iterates)):
+        index = np.flatnonzero(mask)
+        if index.size == 0:
+            continue
+        results = measure(jax.tree.map(lambda a, index=index: a[index], state))
+        for column, values in zip(columns, results, strict=True):
+            column[index] = np.asarray(values)
+        for i in index:
+            method[i] = name
+    return Sharpness(*columns, method)
