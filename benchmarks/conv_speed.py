@@ -24,6 +24,7 @@ import optax
 import torch
 
 from flatjax.models import get_model
+from torch_reference import layer_arrays, torch_network
 
 CIFAR = "/work/shared/data/cifar10/cifar10.npz"
 TASKS = ("forward", "gradient", "hvp", "epoch")
@@ -40,39 +41,6 @@ def load_data(n, path=CIFAR):
     x, y, source = rng.random((n, 32, 32, 3), np.float32), rng.integers(0, 10, n), "random"
   x = (x - x.mean(0)) / (x.std(0) + 1e-8)
   return x.astype(np.float32), y.astype(np.int64), source
-
-
-def torch_arrays(tree):
-  """flatjax VGG parameters (or a tangent like them) as numpy arrays in PyTorch's layout, order."""
-  names = sorted((k for k in tree if k.startswith("Conv")), key=lambda k: int(k[5:])) + [
-      f"Dense_{i}" for i in range(3)]
-  arrays = []
-  for name in names:
-    kernel = np.asarray(tree[name]["kernel"])
-    arrays += [kernel.transpose((3, 2, 0, 1) if kernel.ndim == 4 else (1, 0)).copy(),
-               np.array(tree[name]["bias"])]
-  return arrays
-
-
-def torch_vgg(params):
-  """PyTorch VGG11 holding a copy of flatjax's VGG11 parameters."""
-  arrays = torch_arrays(params)
-  n_conv = len(arrays) // 2 - 3
-  layers = []
-  for k in range(n_conv):
-    c_out, c_in = arrays[2 * k].shape[:2]
-    layers += [torch.nn.Conv2d(c_in, c_out, 3, padding=1), torch.nn.ReLU()]
-    if k in POOL_AFTER:
-      layers.append(torch.nn.MaxPool2d(2, 2))
-  layers.append(torch.nn.Flatten())
-  for k in range(3):
-    c_out, c_in = arrays[2 * (n_conv + k)].shape
-    layers += [torch.nn.Linear(c_in, c_out)] + ([torch.nn.ReLU()] if k < 2 else [])
-  net = torch.nn.Sequential(*layers)
-  with torch.no_grad():
-    for p, a in zip(net.parameters(), arrays):
-      p.copy_(torch.from_numpy(a))
-  return net
 
 
 def jax_tasks(impl, width, params, x, y, v, batch, lr):
@@ -196,7 +164,7 @@ def main():
     params = jax.jit(model.init)({"params": jax.random.PRNGKey(0)}, jnp.asarray(x[:2]))["params"]
     v = jax.tree.map(lambda a: jax.random.normal(jax.random.PRNGKey(1), a.shape), params)
     fns = {i: jax_tasks(i, width, params, x, y, v, args.batch, 0.01) for i in impls}
-    fns["torch"] = torch_tasks(torch_vgg(params), x, y, torch_arrays(v), args.batch, 0.01)
+    fns["torch"] = torch_tasks(torch_network(params), x, y, layer_arrays(v), args.batch, 0.01)
     gap = abs(float(fns[impls[0]]["forward"]()) - float(fns["torch"]["forward"]()))
     print(f"width {width:g}: |loss flatjax - loss PyTorch| = {gap:.1e} on the same weights",
           flush=True)

@@ -123,8 +123,8 @@ def benchmark(name, args):
   rows.append(("reference: torch + eigsh(k=6, LM)", hvps, t_ref, t_ref, value))
 
   print(f"lambda_max reference (flatjax Lanczos, float64, tol 1e-9): {truth:.6f}")
-  print(f"| method | HVPs | wall s (first call) | wall s (compiled) | lambda_max | rel. error "
-        f"| first / reference | compiled / reference |")
+  print("| method | HVPs | wall s (first call) | wall s (compiled) | lambda_max | rel. error "
+        "| first / reference | compiled / reference |")
   print("|---|---|---|---|---|---|---|---|")
   for label, hvps, t1, t2, value in rows:
     print(f"| {label} | {hvps} | {t1:.2f} | {t2:.2f} | {value:.6f} | {abs(value - truth) / truth:.1e} "
