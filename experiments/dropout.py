@@ -1,4 +1,4 @@
-"""Experiment 4 (PAPER.md): the MLP with dropout on Fashion-MNIST, dropout probability p.
+"""Experiment 4 of the paper: the MLP with dropout on Fashion-MNIST, dropout probability p.
 
 Test accuracy and lambda_max (eval mode, dropout off) against p. The grid of each preset is in
 flatjax/presets.py; `--help` lists the flags.

@@ -35,7 +35,8 @@ class EigenResult(NamedTuple):
     eigenvalue: the eigenvalue, or shape (k,) sorted by ``which`` when k > 1.
     eigenvector: unit-norm eigenvector as a pytree like params (leading axis k when k > 1).
     residual: ||H v - lambda v|| per eigenpair, measured with one extra HVP each.
-    num_hvps: Hessian-vector products used, the residual checks included.
+    num_hvps: Hessian-vector products used: the iterations plus one per eigenpair for the
+      measured residual.
     converged: whether every requested pair met ``tol`` before ``num_iters``.
   """
   eigenvalue: Array
@@ -68,7 +69,8 @@ def top_eigenvalue(
   Args:
     loss_fn: maps a params pytree to a scalar loss.
     params: the point at which the Hessian is taken (any pytree of float arrays).
-    k: number of eigenpairs (Lanczos only for k > 1).
+    k: number of eigenpairs (Lanczos only for k > 1). Lanczos from one start vector finds each
+      distinct eigenvalue once, so a repeated eigenvalue is not returned twice.
     method: "lanczos" (full reorthogonalization, default) or "power" (Rayleigh quotient).
     which: "LA" largest algebraic, "LM" largest magnitude, "SA" smallest algebraic.
     num_iters: cap on Lanczos steps (the Krylov basis holds this many vectors of the size of
@@ -93,9 +95,17 @@ def top_eigenvalue(
   num_iters = num_iters if num_iters is not None else (64 if method == "lanczos" else 1000)
   if num_iters < k:
     raise ValueError(f"num_iters ({num_iters}) must be at least k ({k}).")
+  if tol is not None and not tol >= 0:
+    raise ValueError(f"tol must be >= 0, got {tol}.")
+  flat_params = ravel_pytree(params)[0]
+  if flat_params.size == 0 or not jnp.issubdtype(flat_params.dtype, jnp.floating):
+    raise ValueError("params must hold at least one real floating-point array; got "
+                     f"{flat_params.size} values of dtype {flat_params.dtype}.")
+  if k > flat_params.size:
+    raise ValueError(f"k ({k}) exceeds the number of parameters ({flat_params.size}).")
 
   if tol is None:
-    tol = 1e-10 if ravel_pytree(params)[0].dtype == jnp.float64 else 1e-5
+    tol = 1e-10 if flat_params.dtype == jnp.float64 else 1e-5
   key = jax.random.PRNGKey(0) if key is None else key
   return _solve(loss_fn, hvp_fn, params, key, init, k=k, method=method, which=which,
                 num_iters=num_iters, tol=tol)
@@ -136,6 +146,10 @@ def lanczos(matvec, v0, *, k=1, which="LA", num_iters=64, tol=1e-5):
   Runs in a ``lax.while_loop`` over a Krylov basis of ``num_iters`` vectors and stops as soon as
   the k wanted Ritz pairs have residual estimates |beta_j s_j| <= tol * |theta|.
 
+  A single start vector sees each distinct eigenvalue once: with k > 1 a repeated eigenvalue is
+  returned once, and if the Krylov space is exhausted before k Ritz values exist the missing ones
+  are NaN and ``converged`` is False.
+
   Returns:
     (eigenvalues (k,), eigenvectors (k, n), number of HVPs, converged).
   """
@@ -168,7 +182,10 @@ def lanczos(matvec, v0, *, k=1, which="LA", num_iters=64, tol=1e-5):
   theta, s, _ = _ritz_pairs(alphas, betas, size, which, k)
   vectors = s.T @ basis[:m]
   vectors = vectors / jnp.linalg.norm(vectors, axis=1, keepdims=True)
-  return theta, vectors, size, done
+  # An exhausted Krylov space holds only `size` Ritz values: the others do not exist.
+  found = jnp.arange(k) < size
+  theta = jnp.where(found, theta, jnp.nan)
+  return theta, vectors, size, done & jnp.all(found)
 
 
 REORTH_BLOCK = 16

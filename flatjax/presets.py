@@ -25,7 +25,7 @@ class Experiment:
 BATCH_LR = Experiment(
     figure="batch_lr",
     note="The learning-rate and batch-size grids are our choice: the paper does not publish "
-         "them (PAPER.md).",
+         "them.",
     base=dict(dataset="cifar10", model="vgg11", optimizer="sgd", target_acc=0.99),
     presets={
         # The smallest sweep through every step, a check rather than a result: about 2.5 minutes
@@ -47,8 +47,8 @@ BATCH_LR = Experiment(
 
 SAM_RHO = Experiment(
     figure="sam_rho",
-    note="The rho grid follows PAPER.md; the batch sizes and the learning rate are our choice: "
-         "the paper does not publish them.",
+    note="The rho, batch-size and learning-rate grids are our choice: the paper does not "
+         "publish them.",
     base=dict(dataset="cifar10", model="vgg11", optimizer="sam", target_acc=0.99,
               rhos=(0.0, 0.01, 0.02, 0.05, 0.1, 0.2)),
     presets={
@@ -67,8 +67,8 @@ SAM_RHO = Experiment(
 BATCHNORM = Experiment(
     figure="batchnorm",
     note="The learning-rate and batch-size grids are our choice: the paper does not publish "
-         "them (PAPER.md). lambda_max of BatchNorm networks: train mode, ghost batches of the "
-         "training batch size; below the between-iterates LR, the largest of 8 interpolations "
+         "them. lambda_max of BatchNorm networks: train mode, ghost batches of the "
+         "training batch size; below the between-iterates LR, the largest over interpolations "
          "between the final weights and one more SGD step.",
     base=dict(dataset="cifar10", model="vgg11", optimizer="sgd", target_acc=0.99,
               batch_norms=(False, True)),

@@ -1,6 +1,6 @@
 """lambda_max of every member of a trained group, in vmapped calls.
 
-Two measures (PAPER.md, "lambda_max"):
+Two measures (the paper's lambda_max protocol):
 - "final": lambda_max at the final weights.
 - "between_iterates" (BatchNorm networks whose LR is below a threshold): one more step of the
   run's optimizer (plain SGD in the paper) from the final state, on the first minibatch of the

@@ -4,7 +4,7 @@ A *member* is one training run: a seed plus per-member hyperparameters (the lear
 extra ones its `Optimizer` reads, such as SAM's rho). All members of one call share the model,
 the batch size and the data, so one compiled program trains them together under `vmap`.
 
-Protocol (PAPER.md):
+Protocol (the paper's reference code):
 - Mean cross-entropy over the minibatch; plain SGD (no momentum, no weight decay, constant LR).
 - One epoch is one `lax.scan` over a fresh on-device permutation of the train set. With
   `drop_last=True` (the default) an epoch takes floor(N / B) full batches and skips the N mod B

@@ -358,3 +358,24 @@ def count_eqns(jaxpr):
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       total += count_eqns(sub)
   return total
+
+
+def test_exhausted_krylov_space_reports_missing_eigenvalues():
+  """Hessian 2I: one distinct eigenvalue, so k = 3 finds 2 once and reports the rest as missing."""
+  with jax.enable_x64(True):
+    params = {"p": jnp.ones(5)}
+    res = H.top_eigenvalue(lambda p: jnp.sum(p["p"] ** 2), params, k=3)
+    np.testing.assert_allclose(res.eigenvalue[0], 2.0, rtol=1e-12)
+    assert np.all(np.isnan(res.eigenvalue[1:])) and not bool(res.converged)
+
+
+def test_bad_parameters_raise_clear_errors():
+  quad = lambda p: 0.5 * jnp.sum(p["x"] ** 2)
+  with pytest.raises(ValueError, match="exceeds the number of parameters"):
+    H.top_eigenvalue(quad, {"x": jnp.ones(3)}, k=5, num_iters=10)
+  with pytest.raises(ValueError, match="tol"):
+    H.top_eigenvalue(quad, {"x": jnp.ones(3)}, tol=-1.0)
+  with pytest.raises(ValueError, match="floating-point"):
+    H.top_eigenvalue(quad, {"x": jnp.ones(3, jnp.int32)})
+  with pytest.raises(ValueError, match="floating-point"):
+    H.top_eigenvalue(quad, {})
