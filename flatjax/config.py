@@ -141,6 +141,8 @@ def config_problems(config: SweepConfig) -> list[str]:
         value = getattr(config, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be >= 1, got {value}")
+    if config.lambda_tol is not None and not config.lambda_tol >= 0:
+        problems.append(f"--lambda_tol must be >= 0, got {config.lambda_tol}")
     if config.width is not None and not config.width > 0:
         problems.append(f"--width must be > 0, got {config.width}")
     if not 0 < config.target_acc <= 1:

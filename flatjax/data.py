@@ -284,6 +284,10 @@ def _local_folders(name, data_dir, looked):
     root, label = data_dir, "data_dir"
     if root is None:
         root, label = os.environ.get("FLATJAX_DATA_DIR"), "FLATJAX_DATA_DIR"
+    if root and not Path(root).expanduser().is_dir():
+        raise FileNotFoundError(f"{label} {root!r} is not a folder; give the folder that holds "
+                                f"{' or '.join(FOLDERS[name])}/ (or leave it unset to search "
+                                "the other sources)")
     if root:
         folders = [(Path(root).expanduser() / folder, label) for folder in FOLDERS[name]]
     else:

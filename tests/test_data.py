@@ -368,6 +368,7 @@ def test_debian_folder_is_used(tmp_path, monkeypatch):
     ds = fake_dataset(FASHION_SHAPE)
     debian = write_fashion_idx(tmp_path / "usr-share-datasets" / "fashion-mnist", ds)
     monkeypatch.setitem(data.DEBIAN_FOLDERS, "fashion_mnist", debian)
+    (tmp_path / "empty").mkdir()
     assert_same(data.load_raw("fashion_mnist", tmp_path / "empty", download=False), ds)
 
 
@@ -561,3 +562,8 @@ def test_real_cifar10():
     np.testing.assert_array_equal(np.bincount(ds.y_train), [5000] * 10)
     np.testing.assert_allclose(ds.x_train.mean(axis=(0, 1, 2)) / 255, (0.4914, 0.4822, 0.4465),
                                atol=1e-4)
+
+
+def test_data_dir_that_is_not_a_folder_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        data.load_raw("fashion_mnist", tmp_path / "typo")
