@@ -79,7 +79,8 @@ def top_eigenvalue(
     tol: stop once every wanted pair has ||H v - lambda v|| <= tol * |lambda|. Defaults to 1e-5
       in float32 and 1e-10 in float64. The eigenvalue's relative error is about tol^2 * |lambda| / gap.
     key: PRNG key for the random start vector (default PRNGKey(0)).
-    init: a start vector like ``params`` (e.g. the previous eigenvector, to warm-start tracking).
+    init: a start vector like ``params`` (e.g. the previous eigenvector, to warm-start tracking);
+      an all-zero or non-finite one is replaced by the random start.
     hvp_fn: ``hvp_fn(params, v)`` replacing the forward-over-reverse product of ``loss_fn``
       (e.g. a chunked dataset HVP from :func:`dataset_hvp`).
 
@@ -120,10 +121,11 @@ def _solve(loss_fn, hvp_fn, params, key, init, *, k, method, which, num_iters, t
   product = hvp_fn if hvp_fn is not None else (lambda p, v: hvp(loss_fn, p, v))
   matvec = lambda v: ravel_pytree(product(params, unravel(v)))[0]
 
+  v0 = jax.random.normal(key, flat_params.shape, dtype)
   if init is not None:
-    v0 = ravel_pytree(init)[0].astype(dtype)
-  else:
-    v0 = jax.random.normal(key, flat_params.shape, dtype)
+    start = ravel_pytree(init)[0].astype(dtype)
+    usable = jnp.all(jnp.isfinite(start)) & jnp.any(start != 0)
+    v0 = jnp.where(usable, start, v0)
   v0 = v0 / jnp.linalg.norm(v0)
 
   if method == "lanczos":

@@ -165,7 +165,8 @@ def title_of(config: dict) -> str:
             model += f" {key} {config[key]:g}"
     examples = config.get("train_subset") or "all"
     return (f"{config['experiment']} ({config['preset']} preset): {model} on "
-            f"{config['dataset']}, {examples} train examples, {config['seeds']} seeds")
+            f"{config['dataset']}, {examples} train examples, {config['seeds']} "
+            f"seed{'s' if config['seeds'] != 1 else ''}")
 
 
 def plot_workdir(workdir) -> Path:

@@ -202,6 +202,17 @@ def test_early_stopping_and_warm_start():
     assert int(power_warm.num_hvps) <= 3
 
 
+@pytest.mark.parametrize("fill", [0.0, np.nan])
+def test_unusable_init_falls_back_to_the_random_start(fill):
+  with jax.enable_x64(True):
+    loss, params = quadratic(SPECTRUM)
+    bad = jax.tree.map(lambda p: jnp.full_like(p, fill), params)
+    res = H.top_eigenvalue(loss, params, num_iters=150, init=bad)
+    cold = H.top_eigenvalue(loss, params, num_iters=150)
+    np.testing.assert_allclose(res.eigenvalue, cold.eigenvalue, rtol=1e-12)
+    assert int(res.num_hvps) == int(cold.num_hvps)
+
+
 def test_invariant_subspace_stops_exactly():
   """A start vector in a 2-d invariant subspace: Lanczos finds it in two steps and stops."""
   with jax.enable_x64(True):
