@@ -19,7 +19,7 @@ import jax
 from tqdm.auto import tqdm
 
 from flatjax import data as data_lib
-from flatjax import presets, results, summary, sweep
+from flatjax import parallel, presets, results, summary, sweep
 from flatjax.config import ConfigError, split_settings
 
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -85,11 +85,13 @@ FLAGS = (
     ("checkpoint_every", int, "checkpoint each group every N epochs (0: no checkpoints)"),
     ("max_members", int, "members per compiled training call (0: the whole group)"),
     ("lambda_members", int, "members per vmapped lambda_max call (0: all at once)"),
+    ("data_parallel", int, "devices that split each batch; the other devices split the seeds"),
 )
 SWITCHES = (
     ("quiet", "log lines only, no progress bars"),
     ("fresh", "move the workdir's previous results aside and start over"),
     ("keep_checkpoints", "keep each group's checkpoints after its rows are written"),
+    ("distributed", "multi-host: call jax.distributed.initialize() first (run on every host)"),
 )
 
 
@@ -149,7 +151,7 @@ def setup_logging() -> None:
 def settings_from_flags(experiment: str, flags: dict, backend: str,
                         experiments: Mapping[str, presets.Experiment]) -> dict:
     """Flat settings: the preset (default by backend) with the given flags on top."""
-    overrides = {k: v for k, v in flags.items() if k not in ("platform", "preset")}
+    overrides = {k: v for k, v in flags.items() if k not in ("platform", "preset", "distributed")}
     preset = flags.get("preset") or ("cpu" if backend == "cpu" else "paper")
     settings = presets.resolve(experiment, preset, overrides, experiments)
     settings.setdefault("workdir", Path("runs") / f"{experiment}_{preset}")
@@ -175,6 +177,8 @@ def main(experiment: str, argv=None, *,
     setup_logging()
     try:
         spec = presets.get_experiment(experiment, experiments)
+        if flags.get("distributed"):
+            parallel.initialize_distributed()
         backend = select_platform(flags.get("platform"))
         config, options = split_settings(
             settings_from_flags(experiment, flags, backend, experiments))

@@ -84,7 +84,9 @@ class RunOptions:
       quiet: log lines only, no progress bars.
       max_members: train at most this many members per compiled call (0: a whole group).
       lambda_members: members per vmapped lambda_max call, the rest one chunk after another
-        (0: all members at once).
+        (0: all members at once; ignored on a mesh of several devices).
+      data_parallel: devices per data-axis row of the device mesh (flatjax.parallel): each
+        minibatch and HVP chunk is split over this many devices, and the members over the rest.
     """
 
     workdir: Path
@@ -95,11 +97,14 @@ class RunOptions:
     quiet: bool = False
     max_members: int = 0
     lambda_members: int = 0
+    data_parallel: int = 1
 
     def __post_init__(self):
         for name in ("checkpoint_every", "max_members", "lambda_members"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.data_parallel < 1:
+            raise ConfigError(f"--data_parallel must be >= 1, got {self.data_parallel}")
 
 
 SWEEP_KEYS = tuple(f.name for f in dataclasses.fields(SweepConfig))

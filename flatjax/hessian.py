@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from flatjax import parallel
 from flatjax.losses import chunked_mean, cross_entropy
 
 Array = jax.Array
@@ -98,10 +99,7 @@ def top_eigenvalue(
     raise ValueError(f"num_iters ({num_iters}) must be at least k ({k}).")
   if tol is not None and not tol >= 0:
     raise ValueError(f"tol must be >= 0, got {tol}.")
-  flat_params = ravel_pytree(params)[0]
-  if flat_params.size == 0 or not jnp.issubdtype(flat_params.dtype, jnp.floating):
-    raise ValueError("params must hold at least one real floating-point array; got "
-                     f"{flat_params.size} values of dtype {flat_params.dtype}.")
+  flat_params = _check_params(params)
   if k > flat_params.size:
     raise ValueError(f"k ({k}) exceeds the number of parameters ({flat_params.size}).")
 
@@ -116,10 +114,8 @@ def top_eigenvalue(
                    static_argnames=("k", "method", "which", "num_iters", "tol"))
 def _solve(loss_fn, hvp_fn, params, key, init, *, k, method, which, num_iters, tol):
   """:func:`top_eigenvalue` after argument checks, compiled as one program."""
-  flat_params, unravel = ravel_pytree(params)
+  matvec, flat_params, unravel = _flat_operator(loss_fn, hvp_fn, params)
   dtype = flat_params.dtype
-  product = hvp_fn if hvp_fn is not None else (lambda p, v: hvp(loss_fn, p, v))
-  matvec = lambda v: ravel_pytree(product(params, unravel(v)))[0]
 
   v0 = jax.random.normal(key, flat_params.shape, dtype)
   if init is not None:
@@ -155,6 +151,37 @@ def lanczos(matvec, v0, *, k=1, which="LA", num_iters=64, tol=1e-5):
   Returns:
     (eigenvalues (k,), eigenvectors (k, n), number of HVPs, converged).
   """
+  m = num_iters
+
+  def converged(alphas, betas, size):
+    theta, _, res = _ritz_pairs(alphas, betas, size, which, k)
+    return (size >= k) & jnp.all(res <= tol * jnp.abs(theta))
+
+  size, basis, alphas, betas, done = _lanczos_recurrence(matvec, v0, m, converged)
+  theta, s, _ = _ritz_pairs(alphas, betas, size, which, k)
+  vectors = s.T @ basis[:m]
+  vectors = vectors / jnp.linalg.norm(vectors, axis=1, keepdims=True)
+  # An exhausted Krylov space holds only `size` Ritz values: the others do not exist.
+  found = jnp.arange(k) < size
+  theta = jnp.where(found, theta, jnp.nan)
+  return theta, vectors, size, done & jnp.all(found)
+
+
+REORTH_BLOCK = 16
+NUM_SIZE_BUCKETS = 3
+
+
+def _lanczos_recurrence(matvec, v0, num_iters, stop=None):
+  """The Lanczos recurrence with full reorthogonalization from the unit vector ``v0``.
+
+  Runs at most ``num_iters`` steps in a ``lax.while_loop`` and stops early when the Krylov space
+  is invariant or when ``stop(alphas, betas, size)`` is true.
+
+  Returns:
+    (number of steps taken, basis (rows >= num_iters + 1, n) whose first rows are the Lanczos
+    vectors, the diagonal alphas (num_iters,), the off-diagonal betas (num_iters,), where
+    betas[size - 1] is the norm of the last residual, whether it stopped early).
+  """
   n, dtype, m = v0.shape[0], v0.dtype, num_iters
   rows = -(-(m + 1) // REORTH_BLOCK) * REORTH_BLOCK
   basis = jnp.zeros((rows, n), dtype).at[0].set(v0)
@@ -175,23 +202,11 @@ def lanczos(matvec, v0, *, k=1, which="LA", num_iters=64, tol=1e-5):
     alphas, betas = alphas.at[i].set(alpha), betas.at[i].set(beta)
     invariant = beta <= jnp.finfo(dtype).eps * jnp.maximum(jnp.abs(alpha), 1.0)
     basis = basis.at[i + 1].set(jnp.where(invariant, 0.0, w / jnp.where(invariant, 1.0, beta)))
-    theta, _, res = _ritz_pairs(alphas, betas, i + 1, which, k)
-    done = invariant | ((i + 1 >= k) & jnp.all(res <= tol * jnp.abs(theta)))
+    done = invariant if stop is None else invariant | stop(alphas, betas, i + 1)
     return i + 1, basis, alphas, betas, done
 
-  size, basis, alphas, betas, done = jax.lax.while_loop(
+  return jax.lax.while_loop(
       cond, body, (jnp.asarray(0), basis, alphas, betas, jnp.asarray(False)))
-  theta, s, _ = _ritz_pairs(alphas, betas, size, which, k)
-  vectors = s.T @ basis[:m]
-  vectors = vectors / jnp.linalg.norm(vectors, axis=1, keepdims=True)
-  # An exhausted Krylov space holds only `size` Ritz values: the others do not exist.
-  found = jnp.arange(k) < size
-  theta = jnp.where(found, theta, jnp.nan)
-  return theta, vectors, size, done & jnp.all(found)
-
-
-REORTH_BLOCK = 16
-NUM_SIZE_BUCKETS = 3
 
 
 def _orthogonalize(w, basis, count):
@@ -305,6 +320,26 @@ def _select(theta, valid, which, k):
   return jax.lax.top_k(jnp.where(valid, score, -jnp.inf), k)[1]
 
 
+def _flat_operator(loss_fn, hvp_fn, params):
+  """The Hessian of ``loss_fn`` at ``params`` (or ``hvp_fn(params, .)``) on flat vectors.
+
+  Returns:
+    (matvec on flat vectors, flat params, unravel back to a pytree like params).
+  """
+  flat_params, unravel = ravel_pytree(params)
+  product = hvp_fn if hvp_fn is not None else (lambda p, v: hvp(loss_fn, p, v))
+  return (lambda v: ravel_pytree(product(params, unravel(v)))[0]), flat_params, unravel
+
+
+def _check_params(params):
+  """The flat params, after checking that they hold at least one real floating-point value."""
+  flat_params = ravel_pytree(params)[0]
+  if flat_params.size == 0 or not jnp.issubdtype(flat_params.dtype, jnp.floating):
+    raise ValueError("params must hold at least one real floating-point array; got "
+                     f"{flat_params.size} values of dtype {flat_params.dtype}.")
+  return flat_params
+
+
 def _check_choice(name, value, choices):
   if value not in choices:
     raise ValueError(f"Unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}.")
@@ -367,7 +402,7 @@ def dataset_hvp(chunk_loss: ChunkLoss, params: PyTree, v: PyTree, x: Array, y: A
 def lambda_max(model, variables: PyTree, x_train: Array, y_train: Array, *,
                batch_size: int = 1000, subset_size: int | None = 1000,
                chunk_size: int | None = None, batch_norm: str = "train",
-               dropout_key: Array | None = None, **solver_kwargs) -> EigenResult:
+               dropout_key: Array | None = None, mesh=None, **solver_kwargs) -> EigenResult:
   """lambda_max of the training loss of a Flax model, following the paper's protocol by default.
 
   The mean cross-entropy over a fixed strided subset of ``subset_size`` training examples (every
@@ -381,6 +416,8 @@ def lambda_max(model, variables: PyTree, x_train: Array, y_train: Array, *,
     subset_size: size of the strided subset, or None for the whole set.
     chunk_size: override the chunk (ghost batch) size.
     batch_norm, dropout_key: modes, see :func:`model_loss`.
+    mesh: a (seed, data) mesh (:mod:`flatjax.parallel`) whose data axis splits every chunk;
+      callers that vmap over members use :func:`flatjax.parallel.vmap_members`.
     **solver_kwargs: passed to :func:`top_eigenvalue` (k, method, which, num_iters, tol, ...).
   """
   if subset_size is not None:
@@ -389,17 +426,21 @@ def lambda_max(model, variables: PyTree, x_train: Array, y_train: Array, *,
   chunk = chunk_size if chunk_size is not None else min(batch_size, 1000)
   key, init = solver_kwargs.pop("key", None), solver_kwargs.pop("init", None)
   program = _lambda_max_program(model, chunk, batch_norm, dropout_key is not None,
-                                tuple(sorted(solver_kwargs.items())))
+                                tuple(sorted(solver_kwargs.items())), mesh)
   return program(variables, jnp.asarray(x_train), jnp.asarray(y_train), dropout_key, key, init)
 
 
 @functools.lru_cache(maxsize=64)
-def _lambda_max_program(model, chunk, batch_norm, dropout, solver_items):
+def _lambda_max_program(model, chunk, batch_norm, dropout, solver_items, mesh):
   """A jitted lambda_max for one model and protocol, reused across weights and data."""
 
   def run(variables, x, y, dropout_key, key, init):
-    chunk_loss = model_loss(model, variables, batch_norm=batch_norm,
-                            dropout_key=dropout_key if dropout else None)
+    model_chunk_loss = model_loss(model, variables, batch_norm=batch_norm,
+                                  dropout_key=dropout_key if dropout else None)
+
+    def chunk_loss(params, xc, yc, index):
+      return model_chunk_loss(params, *parallel.split_examples((xc, yc), mesh), index)
+
     return top_eigenvalue(
         lambda p: dataset_loss(chunk_loss, p, x, y, chunk), variables["params"],
         hvp_fn=lambda p, v: dataset_hvp(chunk_loss, p, v, x, y, chunk),

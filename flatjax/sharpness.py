@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flatjax import hessian
+from flatjax import hessian, parallel
 from flatjax import train as train_lib
 from flatjax.data import strided_subset
 
@@ -51,67 +51,75 @@ def lambda_settings(config) -> tuple:
     return tuple(sorted(settings.items()))
 
 
-def map_members(fn, tree, members_per_call: int):
-    """fn over the leading member axis of `tree`: one vmap, or chunks of `members_per_call`."""
-    if members_per_call:
+def map_members(fn, tree, members_per_call: int, mesh):
+    """fn over the leading member axis of `tree`: one vmap, or chunks of `members_per_call`.
+
+    Under a mesh every device holds only its share of the members, and all are vmapped at once.
+    """
+    if members_per_call and mesh is None:
         return jax.lax.map(fn, tree, batch_size=members_per_call)
-    return jax.vmap(fn)(tree)
+    return parallel.vmap_members(fn, mesh)(tree)
 
 
-def measure(model, variables, x, y, batch_size: int, settings: tuple):
+def measure(model, variables, x, y, batch_size: int, settings: tuple, mesh):
     """(eigenvalue, residual, HVPs, converged) of lambda_max at `variables`."""
-    r = hessian.lambda_max(model, variables, x, y, batch_size=batch_size, **dict(settings))
+    r = hessian.lambda_max(model, variables, x, y, batch_size=batch_size, mesh=mesh,
+                           **dict(settings))
     return r.eigenvalue, r.residual, r.num_hvps, r.converged
 
 
 @functools.lru_cache(maxsize=32)
-def final_program(model, batch_size: int, settings: tuple, members_per_call: int):
+def final_program(model, batch_size: int, settings: tuple, members_per_call: int, mesh):
     """Jitted `(state, x, y) ->` per-member `measure` at the final weights."""
 
     def one(member, x, y):
         variables = model_variables(member.params, member.batch_stats)
-        return measure(model, variables, x, y, batch_size, settings)
+        return measure(model, variables, x, y, batch_size, settings, mesh)
 
-    return jax.jit(lambda state, x, y: map_members(lambda m: one(m, x, y), state,
-                                                   members_per_call))
+    return parallel.jit_members(
+        lambda state, x, y: map_members(lambda m: one(m, x, y), state, members_per_call, mesh),
+        mesh, (0, None, None))
 
 
-def next_step_variables(model, optimizer, batch_size: int, member: train_lib.TrainState, x, y):
+def next_step_variables(model, optimizer, batch_size: int, member: train_lib.TrainState, x, y,
+                        mesh):
     """One member's variables after one more step, on the first minibatch of its next epoch."""
     _, perm_key, dropout_key = train_lib.split_epoch_key(member.key)
     first = train_lib.epoch_batches(perm_key, x.shape[0], batch_size)[0][0]
     tx = optimizer.make(member.hparams)
     params, batch_stats, _, _ = train_lib.train_step(
         model, optimizer, tx, member.params, member.batch_stats, member.opt_state,
-        train_lib.Batch(x[first], y[first]), jax.random.fold_in(dropout_key, 0))
+        parallel.split_examples(train_lib.Batch(x[first], y[first]), mesh),
+        jax.random.fold_in(dropout_key, 0))
     return model_variables(params, batch_stats)
 
 
 @functools.lru_cache(maxsize=32)
 def between_iterates_program(model, optimizer, batch_size: int, num_points: int,
-                             settings: tuple, members_per_call: int):
+                             settings: tuple, members_per_call: int, mesh):
     """Jitted `(state, x_train, y_train, x, y) ->` per-member largest `measure` between iterates."""
     ts = jnp.linspace(0.0, 1.0, num_points)
 
     def one(member, x_train, y_train, x, y):
         start = model_variables(member.params, member.batch_stats)
-        end = next_step_variables(model, optimizer, batch_size, member, x_train, y_train)
+        end = next_step_variables(model, optimizer, batch_size, member, x_train, y_train, mesh)
 
         def at(t):
             mixed = jax.tree.map(lambda a, b: (1 - t) * a + t * b, start, end)
-            return measure(model, mixed, x, y, batch_size, settings)
+            return measure(model, mixed, x, y, batch_size, settings, mesh)
 
         values, residuals, hvps, converged = jax.lax.map(at, ts)
         top = jnp.argmax(values)
         return values[top], residuals[top], hvps.sum(), converged[top]
 
-    return jax.jit(lambda state, *data: map_members(lambda m: one(m, *data), state,
-                                                    members_per_call))
+    return parallel.jit_members(
+        lambda state, *data: map_members(lambda m: one(m, *data), state, members_per_call, mesh),
+        mesh, (0, None, None, None, None))
 
 
 def group_sharpness(model, optimizer, config, batch_size: int, batch_norm: bool, lrs,
                     members_per_call: int, state: train_lib.TrainState, status: list,
-                    data) -> Sharpness:
+                    data, mesh=None) -> Sharpness:
     """lambda_max of every member of a trained group's final `state` (module docstring).
 
     Args:
@@ -123,11 +131,12 @@ def group_sharpness(model, optimizer, config, batch_size: int, batch_norm: bool,
       state: the final TrainState (leading member axis).
       status: the members' status names.
       data: the training data (x_train, y_train); the measure uses its strided subset.
+      mesh: a (seed, data) mesh to shard members and HVP chunks over (flatjax.parallel).
     """
     n = len(status)
-    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    x_train, y_train = parallel.place((data.x_train, data.y_train), mesh, members=False)
     subset = config.lambda_subset or len(data.x_train)
-    x, y = (jnp.asarray(a) for a in strided_subset(data.x_train, data.y_train, subset))
+    x, y = parallel.place(strided_subset(data.x_train, data.y_train, subset), mesh, members=False)
     settings = lambda_settings(config)
     measured = np.array([s != "diverged" for s in status])
     between = np.zeros(n, bool)
@@ -135,12 +144,12 @@ def group_sharpness(model, optimizer, config, batch_size: int, batch_norm: bool,
         between = measured & (np.asarray(lrs) < config.between_iterates_below_lr)
 
     def final(s):
-        return final_program(model, batch_size, settings, members_per_call)(s, x, y)
+        return final_program(model, batch_size, settings, members_per_call, mesh)(s, x, y)
 
     def between_iterates(s):
         program = between_iterates_program(model, optimizer, batch_size,
                                            config.between_iterates_points, settings,
-                                           members_per_call)
+                                           members_per_call, mesh)
         return program(s, x_train, y_train, x, y)
 
     columns = [np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, bool)]
@@ -150,9 +159,10 @@ def group_sharpness(model, optimizer, config, batch_size: int, batch_norm: bool,
         index = np.flatnonzero(mask)
         if index.size == 0:
             continue
-        results = measure(jax.tree.map(lambda a, index=index: a[index], state))
-        for column, values in zip(columns, results, strict=True):
-            column[index] = np.asarray(values)
+        members = jax.tree.map(lambda a, index=index: a[index], state)
+        results = measure(parallel.place_members(members, index.size, mesh))
+        for column, values in zip(columns, parallel.to_host(results), strict=True):
+            column[index] = values[:index.size]
         for i in index:
             method[i] = name
     return Sharpness(*columns, method)

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from flatjax import assemble, grid, plot, results, sharpness
+from flatjax import assemble, grid, parallel, plot, results, sharpness
 from flatjax import data as data_lib
 from flatjax import train as train_lib
 from flatjax.checkpoint import GroupCheckpoints
@@ -69,6 +69,7 @@ def run_sweep(config: SweepConfig, options: RunOptions, *,
     Raises:
       ConfigError: bad input (workdir, data, grid), before any training.
     """
+    mesh = device_mesh(options)
     workdir = make_workdir(options.workdir)
     with workdir_lock(workdir):
         check_configuration(workdir, config, options.fresh)
@@ -82,7 +83,7 @@ def run_sweep(config: SweepConfig, options: RunOptions, *,
             dataset = load_dataset(config, options, load_data)
             check_against_data(config, dataset)
         claim_workdir(workdir, config, options.fresh)
-        rows = run_groups(config, options, groups, pending, dataset, workdir, rows)
+        rows = run_groups(config, options, groups, pending, dataset, workdir, rows, mesh)
     planned = {grid.run_key(config, g, m) for g in groups for m in g.members}
     sweep_rows = [r for r in rows if results.row_key(r) in planned]
     all_finished = all(r["status"] in results.FINISHED for r in sweep_rows)
@@ -97,7 +98,15 @@ def pending_groups(config, groups, rows) -> list[grid.Group]:
             if not all(grid.run_key(config, g, m) in finished for m in g.members)]
 
 
-def run_groups(config, options, groups, pending, dataset, workdir, rows) -> list[dict]:
+def device_mesh(options: RunOptions):
+    """The (seed, data) mesh over all devices, None for one device; ConfigError if impossible."""
+    try:
+        return parallel.default_mesh(options.data_parallel)
+    except ValueError as error:
+        raise ConfigError(f"--data_parallel: {error}") from error
+
+
+def run_groups(config, options, groups, pending, dataset, workdir, rows, mesh) -> list[dict]:
     """Run the pending groups, appending their rows; all rows of results.csv after."""
     total = sum(len(g.members) for g in groups)
     to_do = sum(len(g.members) for g in pending)
@@ -107,7 +116,7 @@ def run_groups(config, options, groups, pending, dataset, workdir, rows) -> list
               disable=options.quiet, dynamic_ncols=True) as bar:
         for number, group in enumerate(pending, 1):
             log.info("group %d/%d: %s", number, len(pending), group.label())
-            group_rows = run_group_or_fail(config, options, group, dataset, workdir)
+            group_rows = run_group_or_fail(config, options, group, dataset, workdir, mesh)
             rows = results.append_rows(workdir / results.FILENAME, group_rows)
             if not options.keep_checkpoints and all(
                     r["status"] in results.FINISHED for r in group_rows):
@@ -218,11 +227,11 @@ def check_against_data(config: SweepConfig, dataset) -> None:
         raise ConfigError(f"--lambda_subset={config.lambda_subset} exceeds {where}")
 
 
-def run_group_or_fail(config, options, group, dataset, workdir) -> list[dict]:
+def run_group_or_fail(config, options, group, dataset, workdir, mesh) -> list[dict]:
     """The group's rows; `failed` rows carrying the error if it raises."""
     start = time.monotonic()
     try:
-        return run_group(config, options, group, dataset, workdir)
+        return run_group(config, options, group, dataset, workdir, mesh)
     except Exception as error:  # a failed group must not stop the sweep
         log.error("group %s failed:\n%s", group.label(), traceback.format_exc())
         message = f"{type(error).__name__}: {error}".strip()[:ERROR_CHARS]
@@ -233,8 +242,8 @@ def run_group_or_fail(config, options, group, dataset, workdir) -> list[dict]:
         ]
 
 
-def run_group(config, options, group, dataset, workdir) -> list[dict]:
-    """Train, checkpoint and measure one group; its rows (see the module docstring)."""
+def run_group(config, options, group, dataset, workdir, mesh) -> list[dict]:
+    """Train, checkpoint and measure one group on `mesh`; its rows (see the module docstring)."""
     start = time.monotonic()
     model = assemble.build_model(config, group.batch_norm, group.dropout)
     optimizer = assemble.build_optimizer(config, model, dataset.x_train.shape[1:])
@@ -262,14 +271,14 @@ def run_group(config, options, group, dataset, workdir) -> list[dict]:
             model, dataset, batch_size=group.batch_size, lrs=lrs, seeds=seeds,
             max_epochs=config.max_epochs, target_acc=config.target_acc, optimizer=optimizer,
             hparams=hparams, state=restored.state if restored else None, callback=on_epoch,
-            progress=not options.quiet, desc=group.label())
+            progress=not options.quiet, desc=group.label(), mesh=mesh)
         checkpoints.save(result.state, int(np.max(result.epochs)), elapsed())
     finally:
         checkpoints.close()
     log.info("group %s: measuring lambda_max", group.label())
     measured = sharpness.group_sharpness(
         model, optimizer, config, group.batch_size, group.batch_norm, lrs,
-        options.lambda_members, result.state, result.status, dataset)
+        options.lambda_members, result.state, result.status, dataset, mesh)
     return member_rows(config, group, result, measured, elapsed())
 
 

@@ -53,6 +53,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from flatjax import parallel
 from flatjax.losses import chunked_mean, cross_entropy
 
 RUNNING, CONVERGED, NOT_CONVERGED, DIVERGED = 0, 1, 2, 3
@@ -212,11 +213,15 @@ def train_step(
     return params, optimizer.kept_stats(clean_stats, opt_state), opt_state, loss
 
 
-def evaluate(model, params, batch_stats, x, y, chunk_size: int):
-    """Eval-mode mean loss and accuracy over all of (x, y), in chunks of `chunk_size`."""
+def evaluate(model, params, batch_stats, x, y, chunk_size: int, mesh=None):
+    """Eval-mode mean loss and accuracy over all of (x, y), in chunks of `chunk_size`.
+
+    Under a `mesh` each chunk is split over its data axis (flatjax.parallel).
+    """
     variables = {"params": params, "batch_stats": batch_stats}
 
     def metrics(xc, yc, _):
+        xc, yc = parallel.split_examples((xc, yc), mesh)
         logits = model.apply(variables, xc, train=False)
         return cross_entropy(logits, yc), jnp.mean(logits.argmax(-1) == yc, dtype=jnp.float32)
 
@@ -247,13 +252,13 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
 
 
-def init_member(model, optimizer: Optimizer, config: TrainConfig, seed, hparams, x, y):
+def init_member(model, optimizer: Optimizer, config: TrainConfig, mesh, seed, hparams, x, y):
     """A member's state before the first epoch (one member, no member axis)."""
     root = jax.random.PRNGKey(seed)
     variables = model.init({"params": jax.random.fold_in(root, 0)}, x[:1], train=False)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
-    init_loss, _ = evaluate(model, params, batch_stats, x, y, config.eval_batch_size)
+    init_loss, _ = evaluate(model, params, batch_stats, x, y, config.eval_batch_size, mesh)
     nan_history = jnp.full((config.max_epochs,), jnp.nan, jnp.float32)
     return TrainState(
         params=params,
@@ -280,10 +285,11 @@ def stop_status(config: TrainConfig, epoch, correct_enough, finite, train_loss, 
     ).astype(jnp.int32)
 
 
-def run_epoch(model, optimizer: Optimizer, config: TrainConfig, state: TrainState, x, y):
+def run_epoch(model, optimizer: Optimizer, config: TrainConfig, mesh, state: TrainState, x, y):
     """One epoch of one member, then its evaluation and stop rule.
 
-    A member that was not active keeps its state bitwise and gets NaN metrics.
+    A member that was not active keeps its state bitwise and gets NaN metrics. Under a `mesh`
+    each minibatch is split over its data axis.
     """
     n = x.shape[0]
     tx = optimizer.make(state.hparams)
@@ -293,7 +299,8 @@ def run_epoch(model, optimizer: Optimizer, config: TrainConfig, state: TrainStat
     def step(carry, inputs):
         i, idx = inputs
         params, stats, opt_state, loss = train_step(
-            model, optimizer, tx, *carry, Batch(x[idx], y[idx]), jax.random.fold_in(dropout_key, i)
+            model, optimizer, tx, *carry, parallel.split_examples(Batch(x[idx], y[idx]), mesh),
+            jax.random.fold_in(dropout_key, i)
         )
         return (params, stats, opt_state), loss
 
@@ -305,7 +312,8 @@ def run_epoch(model, optimizer: Optimizer, config: TrainConfig, state: TrainStat
         loss_sum, seen = loss_sum + rest_loss * rest.size, seen + rest.size
     params, batch_stats, opt_state = carry
 
-    train_loss, train_acc = evaluate(model, params, batch_stats, x, y, config.eval_batch_size)
+    train_loss, train_acc = evaluate(model, params, batch_stats, x, y, config.eval_batch_size,
+                                     mesh)
     metrics = EpochMetrics(loss_sum / seen, train_loss, train_acc)
     epoch = state.epoch + 1
     finite = jnp.isfinite(metrics.minibatch_loss) & jnp.isfinite(train_loss) & all_finite(params)
@@ -335,19 +343,24 @@ class Programs(NamedTuple):
 
 
 @functools.lru_cache(maxsize=16)
-def compile_programs(model, optimizer: Optimizer, config: TrainConfig) -> Programs:
-    """Jitted programs over a leading member axis; data arguments are shared by all members."""
-    init = jax.vmap(
-        functools.partial(init_member, model, optimizer, config), in_axes=(0, 0, None, None)
-    )
-    epoch = jax.vmap(
-        functools.partial(run_epoch, model, optimizer, config), in_axes=(0, None, None)
-    )
-    evaluate_members = jax.vmap(
-        lambda s, x, y: evaluate(model, s.params, s.batch_stats, x, y, config.eval_batch_size),
-        in_axes=(0, None, None),
-    )
-    return Programs(jax.jit(init), jax.jit(epoch), jax.jit(evaluate_members))
+def compile_programs(model, optimizer: Optimizer, config: TrainConfig, mesh=None) -> Programs:
+    """Jitted programs over a leading member axis; data arguments are shared by all members.
+
+    With a `mesh` (flatjax.parallel) the member axis is its seed axis and examples are split
+    over its data axis; the inputs are expected placed by `parallel.place_members` / `place`.
+    """
+    def compile_members(fn, in_axes):
+        return parallel.jit_members(parallel.vmap_members(fn, mesh, in_axes), mesh, in_axes)
+
+    init = compile_members(
+        functools.partial(init_member, model, optimizer, config, mesh), (0, 0, None, None))
+    epoch = compile_members(
+        functools.partial(run_epoch, model, optimizer, config, mesh), (0, None, None))
+    evaluate_members = compile_members(
+        lambda s, x, y: evaluate(model, s.params, s.batch_stats, x, y, config.eval_batch_size,
+                                 mesh),
+        (0, None, None))
+    return Programs(init, epoch, evaluate_members)
 
 
 def member_hparams(lrs: Sequence[float], extra: Mapping[str, Sequence[float]] | None, size: int):
@@ -409,6 +422,7 @@ def train(
     callback: Callable[[TrainState, EpochMetrics], None] | None = None,
     progress: bool = True,
     desc: str = "train",
+    mesh=None,
 ) -> TrainResult:
     """Train members (seeds[i], lrs[i], hparams[k][i]) of `model` on `data` until each stops.
 
@@ -424,6 +438,8 @@ def train(
       callback: called as callback(state, metrics) after every epoch.
       progress: show a tqdm bar (epoch, loss and train accuracy of the running members).
       desc: the bar's label.
+      mesh: a (seed, data) `jax.sharding.Mesh` (flatjax.parallel) to shard members and batches
+        over; None runs on the default device.
 
     Returns:
       TrainResult with final variables, status names, epochs, eval-mode train loss and accuracy,
@@ -438,52 +454,62 @@ def train(
         raise ValueError(
             f"batch_size {batch_size} exceeds the {len(data.x_train)} training examples"
         )
-    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-    programs = compile_programs(model, optimizer, config)
+    x, y = parallel.place((data.x_train, data.y_train), mesh, members=False)
+    programs = compile_programs(model, optimizer, config, mesh)
     if state is None:
-        state = programs.init(seeds, member_hp, x, y)
+        state = programs.init(*parallel.place_members((seeds, member_hp), seeds.size, mesh), x, y)
     else:
         check_resumable(state, seeds, member_hp, config)
-    state = run_epochs(programs.epoch, state, x, y, config, callback, progress, desc)
-    x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+        state = parallel.place_members(state, seeds.size, mesh)
+    state = run_epochs(programs.epoch, state, x, y, config, callback, progress, desc, seeds.size)
+    x_test, y_test = parallel.place((data.x_test, data.y_test), mesh, members=False)
     test_loss, test_acc = programs.evaluate(state, x_test, y_test)
-    return make_result(state, test_loss, test_acc)
+    return make_result(*parallel.first_members((state, test_loss, test_acc), seeds.size))
 
 
-def run_epochs(epoch_program, state, x, y, config, callback, progress, desc) -> TrainState:
-    """The Python epoch loop: one compiled call per epoch until no member is active."""
-    with tqdm(total=config.max_epochs, initial=int(np.max(state.epoch)), desc=desc,
-              disable=not progress, leave=False) as bar:
-        while bool(np.any(state.active)):
-            running = np.asarray(state.active)
+def run_epochs(epoch_program, state, x, y, config, callback, progress, desc,
+               num_members: int) -> TrainState:
+    """The Python epoch loop: one compiled call per epoch until no member is active.
+
+    `state` may hold padding members after the first `num_members` (flatjax.parallel); the
+    callback sees the first `num_members` only.
+    """
+    with tqdm(total=config.max_epochs, initial=int(np.max(parallel.to_host(state.epoch))),
+              desc=desc, disable=not progress, leave=False) as bar:
+        active = parallel.to_host(state.active)[:num_members]
+        while bool(np.any(active)):
             state, metrics = epoch_program(state, x, y)
-            bar.update(int(np.max(state.epoch)) - bar.n)
+            epoch, loss, acc, now_active = parallel.to_host(
+                (state.epoch, metrics.train_loss, metrics.train_acc, state.active))
+            bar.update(int(np.max(epoch)) - bar.n)
             bar.set_postfix(
-                loss=f"{np.mean(np.asarray(metrics.train_loss)[running]):.4g}",
-                acc=f"{np.mean(np.asarray(metrics.train_acc)[running]):.4f}",
-                running=f"{int(np.sum(state.active))}/{running.size}",
+                loss=f"{np.mean(loss[:num_members][active]):.4g}",
+                acc=f"{np.mean(acc[:num_members][active]):.4f}",
+                running=f"{int(np.sum(now_active[:num_members]))}/{num_members}",
             )
+            active = now_active[:num_members]
             if callback is not None:
-                callback(state, metrics)
+                callback(*parallel.first_members((state, metrics), num_members))
     return state
 
 
 def make_result(state: TrainState, test_loss, test_acc) -> TrainResult:
     """Collect a final state and test metrics into host-side per-member results."""
-    epochs = np.asarray(state.epoch)
+    epochs, seeds, hparams, status, history, test_loss, test_acc = parallel.to_host(
+        (state.epoch, state.seed, state.hparams, state.status, state.history, test_loss, test_acc))
     last = np.maximum(epochs - 1, 0)
-    history = EpochMetrics(*(np.asarray(h) for h in state.history))
+    history = EpochMetrics(*history)
     members = np.arange(epochs.size)
     return TrainResult(
         variables={"params": state.params, "batch_stats": state.batch_stats},
-        seeds=np.asarray(state.seed),
-        hparams={k: np.asarray(v) for k, v in state.hparams.items()},
-        status=[STATUS_NAMES[s] for s in np.asarray(state.status)],
+        seeds=seeds,
+        hparams=dict(hparams),
+        status=[STATUS_NAMES[s] for s in status],
         epochs=epochs,
         train_loss=history.train_loss[members, last],
         train_acc=history.train_acc[members, last],
-        test_loss=np.asarray(test_loss),
-        test_acc=np.asarray(test_acc),
+        test_loss=test_loss,
+        test_acc=test_acc,
         history=history,
         state=state,
     )
