@@ -188,5 +188,9 @@ def main(experiment: str, argv=None, *,
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are in results.csv and running groups resume from "
+              "their last checkpoint; rerun the same command to continue", file=sys.stderr)
+        return 130
     print(report(outcome, spec.note, options.workdir))
     return outcome.exit_code

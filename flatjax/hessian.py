@@ -25,6 +25,7 @@ Array = jax.Array
 PyTree = Any
 
 WHICH = ("LA", "LM", "SA")
+DEFAULT_TOL = {8: 1e-10, 4: 1e-5}  # by the params' bytes per value; 1e-2 for half precision
 METHODS = ("lanczos", "power")
 BATCH_NORM_MODES = ("train", "eval")
 
@@ -78,7 +79,8 @@ def top_eigenvalue(
       ``params``, so memory is num_iters x the size of params) or on power iterations. Defaults:
       64 for Lanczos, 1000 for power.
     tol: stop once every wanted pair has ||H v - lambda v|| <= tol * |lambda|. Defaults to 1e-5
-      in float32 and 1e-10 in float64. The eigenvalue's relative error is about tol^2 * |lambda| / gap.
+      in float32, 1e-10 in float64 and 1e-2 in float16/bfloat16 (whose vectors and eigensolves
+      run in float32, their HVPs in the params' dtype). The eigenvalue's relative error is about tol^2 * |lambda| / gap.
     key: PRNG key for the random start vector (default PRNGKey(0)).
     init: a start vector like ``params`` (e.g. the previous eigenvector, to warm-start tracking);
       an all-zero or non-finite one is replaced by the random start.
@@ -104,7 +106,7 @@ def top_eigenvalue(
     raise ValueError(f"k ({k}) exceeds the number of parameters ({flat_params.size}).")
 
   if tol is None:
-    tol = 1e-10 if flat_params.dtype == jnp.float64 else 1e-5
+    tol = DEFAULT_TOL.get(jnp.dtype(flat_params.dtype).itemsize, 1e-2)
   key = jax.random.PRNGKey(0) if key is None else key
   return _solve(loss_fn, hvp_fn, params, key, init, k=k, method=method, which=which,
                 num_iters=num_iters, tol=tol)
@@ -323,12 +325,23 @@ def _select(theta, valid, which, k):
 def _flat_operator(loss_fn, hvp_fn, params):
   """The Hessian of ``loss_fn`` at ``params`` (or ``hvp_fn(params, .)``) on flat vectors.
 
+  The vectors are in the params' dtype promoted to at least float32, so half-precision params
+  (whose HVPs still run in their own dtype) get float32 Krylov arithmetic and eigensolvers.
+
   Returns:
-    (matvec on flat vectors, flat params, unravel back to a pytree like params).
+    (matvec on flat vectors, flat params in that dtype, unravel back to a pytree like params).
   """
-  flat_params, unravel = ravel_pytree(params)
+  flat_params, unravel_flat = ravel_pytree(params)
   product = hvp_fn if hvp_fn is not None else (lambda p, v: hvp(loss_fn, p, v))
-  return (lambda v: ravel_pytree(product(params, unravel(v)))[0]), flat_params, unravel
+  dtype = jnp.promote_types(flat_params.dtype, jnp.float32)
+
+  def unravel(v):
+    return unravel_flat(v.astype(flat_params.dtype))
+
+  def matvec(v):
+    return ravel_pytree(product(params, unravel(v)))[0].astype(dtype)
+
+  return matvec, flat_params.astype(dtype), unravel
 
 
 def _check_params(params):

@@ -169,6 +169,20 @@ def title_of(config: dict) -> str:
             f"seed{'s' if config['seeds'] != 1 else ''}")
 
 
+def read_config(path: Path) -> dict:
+    """A workdir's config.json; ValueError naming the file if it is not a sweep's config."""
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); rerun the sweep to rewrite it") from None
+    missing = [k for k in ("experiment", "figure", "dataset", "preset", "seeds")
+               if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not a flatjax sweep config; rerun "
+                         f"the sweep to rewrite it")
+    return config
+
+
 def plot_workdir(workdir) -> Path:
     """Draw the figure of the sweep in `workdir` to WORKDIR/<experiment>.png; return its path."""
     workdir = Path(workdir)
@@ -176,7 +190,7 @@ def plot_workdir(workdir) -> Path:
     for path in (config_path, results_path):
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: {workdir} is not a sweep workdir")
-    config = json.loads(config_path.read_text())
+    config = read_config(config_path)
     if config["figure"] not in FIGURES:
         raise ValueError(f"no figure named {config['figure']!r}; known: {', '.join(FIGURES)}")
     rows = [r for r in results.read_rows(results_path) if r["experiment"] == config["experiment"]]

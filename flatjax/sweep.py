@@ -70,7 +70,21 @@ def run_sweep(config: SweepConfig, options: RunOptions, *,
       ConfigError: bad input (workdir, data, grid), before any training.
     """
     mesh = device_mesh(options)
+    created = not Path(options.workdir).exists()
     workdir = make_workdir(options.workdir)
+    try:
+        return sweep_in(workdir, config, options, load_data, mesh)
+    except ConfigError:
+        if created:  # refused before any output: leave no trace
+            (workdir / LOCK_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                workdir.rmdir()
+        raise
+
+
+def sweep_in(workdir: Path, config: SweepConfig, options: RunOptions, load_data: Callable,
+             mesh) -> SweepOutcome:
+    """`run_sweep` in a created `workdir`."""
     with workdir_lock(workdir):
         check_configuration(workdir, config, options.fresh)
         groups = grid.plan_groups(config, options.max_members)

@@ -35,7 +35,7 @@ def error_of(capsys, argv, experiment="tiny") -> str:
 def test_bad_input_is_refused_with_its_reason(tmp_path, capsys, argv, message):
     err = error_of(capsys, [f"--workdir={tmp_path / 'w'}", *argv])
     assert message in err
-    assert not (tmp_path / "w" / "results.csv").exists()
+    assert not (tmp_path / "w").exists()  # a refused sweep leaves no workdir behind
 
 
 def test_negative_rho_is_refused(tmp_path, capsys):
@@ -119,3 +119,13 @@ def test_every_preset_is_a_valid_configuration(name):
 def test_config_error_for_an_unknown_setting():
     with pytest.raises(ConfigError, match="unknown settings colour"):
         split_settings({"colour": "red"})
+
+
+def test_ctrl_c_ends_with_a_resume_hint(tmp_path, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    argv = ["--platform=cpu", "--preset=smoke", f"--workdir={tmp_path}"]
+    assert cli.main("tiny", argv, experiments=tiny.EXPERIMENTS, load_data=interrupted) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "rerun the same command" in err and "Traceback" not in err

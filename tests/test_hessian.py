@@ -390,3 +390,13 @@ def test_bad_parameters_raise_clear_errors():
     H.top_eigenvalue(quad, {"x": jnp.ones(3, jnp.int32)})
   with pytest.raises(ValueError, match="floating-point"):
     H.top_eigenvalue(quad, {})
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_params(dtype):
+  """Half-precision params: float32 Krylov arithmetic, eigenvalue to the dtype's precision."""
+  scales = jnp.asarray([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.5, 0.5], dtype)
+  params = {"w": jnp.ones(8, dtype)}
+  res = H.top_eigenvalue(lambda p: 0.5 * jnp.sum(scales * p["w"] ** 2), params)
+  np.testing.assert_allclose(float(res.eigenvalue), 7.5, rtol=2e-2)
+  assert res.eigenvector["w"].dtype == dtype and bool(res.converged)

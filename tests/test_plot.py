@@ -122,3 +122,13 @@ def test_plot_of_a_folder_without_results_is_an_error(tmp_path, capsys):
     assert plot.main([str(tmp_path)]) == 1
     assert "is not a sweep workdir" in capsys.readouterr().err
     assert plot.main([]) == 2
+
+
+@pytest.mark.parametrize("text, message", [("{", "is not valid JSON"),
+                                           ('{"figure": "batch_lr"}', "lacks experiment")])
+def test_plot_names_a_broken_config(tmp_path, capsys, text, message):
+    (tmp_path / "config.json").write_text(text)
+    (tmp_path / "results.csv").write_text("experiment\n")
+    assert plot.main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "config.json") in err and message in err
