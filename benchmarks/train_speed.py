@@ -41,7 +41,7 @@ def flatjax_epoch(model, x, y, batch_size, lr, members):
   seeds = np.arange(members, dtype=np.int32)
   hparams = {"lr": np.full(members, lr, np.float32)}
   state = programs.init(seeds, hparams, x, y)
-  return (lambda: programs.epoch(state, x, y)), state.params
+  return (lambda: programs.epoch(state, x, y, 0, None)), state.params
 
 
 def torch_epoch(net, x, y, batch_size, lr):

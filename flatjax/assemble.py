@@ -1,4 +1,4 @@
-"""The model and the optimizer of a group, built from the sweep's settings."""
+"""The model, the optimizer and the lambda_max tracking of a group, from the sweep's settings."""
 
 from __future__ import annotations
 
@@ -66,3 +66,12 @@ def build_optimizer(config: SweepConfig, model, input_shape: tuple[int, ...]):
 def member_hparams(config: SweepConfig, rhos) -> dict | None:
     """Extra per-member hyperparameters for `train` beyond the LR: rho for SAM, none for SGD."""
     return {"rho": list(rhos)} if config.optimizer == "sam" else None
+
+
+def tracking(config: SweepConfig) -> train_lib.Tracking | None:
+    """lambda_max tracking during training with the sweep's lambda_* settings; None when off."""
+    if not config.track_every:
+        return None
+    return train_lib.Tracking(every=config.track_every, subset_size=config.lambda_subset,
+                              num_iters=config.lambda_iters, tol=config.lambda_tol,
+                              batch_norm=config.lambda_batch_norm)

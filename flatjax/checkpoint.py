@@ -5,6 +5,10 @@ SHA-256 digest of its arrays and the training seconds spent so far. A step that 
 or whose arrays do not match the digest, is reported, deleted, and the next older one is tried;
 if none is good training starts from scratch. Orbax writes each step to a temporary folder and
 renames it when complete, so a killed process never leaves a step that looks finished.
+
+A state that is a NamedTuple is stored as a dict of its fields that are not None, so an optional
+field left None (the TrainState's tracker without tracking) is not written, and checkpoints made
+before such a field existed still restore.
 """
 
 from __future__ import annotations
@@ -40,6 +44,18 @@ def digest(tree) -> str:
     return h.hexdigest()
 
 
+def is_namedtuple(tree) -> bool:
+    """Whether `tree` is a NamedTuple instance."""
+    return isinstance(tree, tuple) and hasattr(tree, "_fields")
+
+
+def stored(state):
+    """The tree a checkpoint holds for `state` (module docstring)."""
+    if is_namedtuple(state):
+        return {k: v for k, v in state._asdict().items() if v is not None}
+    return state
+
+
 class GroupCheckpoints:
     """One group's checkpoints under `directory`: saved every `every` epochs, newest good restored.
 
@@ -68,7 +84,7 @@ class GroupCheckpoints:
             return
         meta = {"digest": digest(state), "epoch": epoch, "elapsed_s": elapsed_s}
         self.manager.save(epoch, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+            state=ocp.args.StandardSave(stored(state)), meta=ocp.args.JsonSave(meta)))
 
     def exist(self) -> bool:
         """Whether any checkpoint step folder is present."""
@@ -101,12 +117,14 @@ class GroupCheckpoints:
 
     def _restore_step(self, step: int, abstract_state) -> Restored:
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        meta = restored.meta
-        if digest(restored.state) != meta["digest"]:
+            state=ocp.args.StandardRestore(stored(abstract_state)), meta=ocp.args.JsonRestore()))
+        meta, state = restored.meta, restored.state
+        if is_namedtuple(abstract_state):
+            state = abstract_state._replace(**state)
+        if digest(state) != meta["digest"]:
             raise ValueError("its arrays do not match the digest saved with them")
         log.info("group %s: resuming from the checkpoint at epoch %d", self.label, step)
-        return Restored(restored.state, int(meta["epoch"]), float(meta["elapsed_s"]))
+        return Restored(state, int(meta["epoch"]), float(meta["elapsed_s"]))
 
     def _delete_step(self, step: int) -> None:
         try:

@@ -82,6 +82,7 @@ FLAGS = (
     ("between_iterates_below_lr", zero_is_none(float),
      "BatchNorm nets with LR below this use the between-iterates lambda_max (0: never)"),
     ("between_iterates_points", int, "interpolation points of the between-iterates measure"),
+    ("track_every", int, "measure lambda_max every K training steps too, warm-started (0: off)"),
     ("checkpoint_every", int, "checkpoint each group every N epochs (0: no checkpoints)"),
     ("max_members", int, "members per compiled training call (0: the whole group)"),
     ("lambda_members", int, "members per vmapped lambda_max call (0: all at once)"),
@@ -164,6 +165,9 @@ def report(outcome: sweep.SweepOutcome, note: str, workdir: Path) -> str:
              f"runs: {sweep.status_counts(outcome.rows)}",
              f"results: {workdir / results.FILENAME}",
              f"figure: {outcome.figure or 'not drawn (see the log)'}"]
+    if (workdir / results.TRAJECTORY_FILENAME).exists():
+        lines += [f"trajectory: {workdir / results.TRAJECTORY_FILENAME}",
+                  f"trajectory figure: {outcome.trajectory_figure or 'not drawn (see the log)'}"]
     if note:
         lines.append(f"note: {note}")
     return "\n".join(lines)

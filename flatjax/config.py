@@ -30,6 +30,9 @@ class SweepConfig:
     Runs are the product batch_sizes x batch_norms x dropouts x lrs x rhos x seeds (seeds are
     0..seeds-1). `width` and `hidden` are passed to the model when set (VGG width multiplier,
     MLP hidden units). `lambda_*` fields set how lambda_max is measured (flatjax.sharpness).
+    `track_every` > 0 also measures lambda_max every that many training steps, with the same
+    settings, into trajectory.csv (flatjax.train.Tracking); it leaves the runs' results alone, so
+    it is not part of their hash.
     """
 
     experiment: str
@@ -56,6 +59,7 @@ class SweepConfig:
     lambda_tol: float | None = None
     between_iterates_below_lr: float | None = None
     between_iterates_points: int = 8
+    track_every: int = 0
 
     def __post_init__(self):
         problems = config_problems(self)
@@ -152,10 +156,20 @@ def config_problems(config: SweepConfig) -> list[str]:
         problems.append(f"--width must be > 0, got {config.width}")
     if not 0 < config.target_acc <= 1:
         problems.append(f"--target_acc must be in (0, 1], got {config.target_acc}")
+    if config.track_every < 0:
+        problems.append(f"--track_every must be >= 0 (0: no tracking), got {config.track_every}")
     if config.between_iterates_points < 2:
         problems.append(f"--between_iterates_points must be >= 2, "
                         f"got {config.between_iterates_points}")
     return problems
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved config.json's dict with the defaults of the fields it lacks (fields added since
+    it was written, which it ran with)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(SweepConfig)
+                if f.default is not dataclasses.MISSING}
+    return {**json.loads(json.dumps(defaults)), **saved}
 
 
 def split_settings(settings: dict) -> tuple[SweepConfig, RunOptions]:

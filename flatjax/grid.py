@@ -53,11 +53,14 @@ def plan_groups(config: SweepConfig, max_members: int = 0) -> list[Group]:
 
 
 def run_settings(config: SweepConfig, group: Group, member: Member) -> dict:
-    """Everything that determines a run except its seed (the input of its config hash)."""
+    """Everything that determines a run except its seed (the input of its config hash).
+
+    `track_every` is left out: tracking adds trajectory rows but does not change the run.
+    """
     shared = {
         k: v for k, v in dataclasses.asdict(config).items()
         if k not in ("preset", "figure", "seeds", "batch_sizes", "lrs", "rhos", "dropouts",
-                     "batch_norms")
+                     "batch_norms", "track_every")
     }
     if config.optimizer != "sam":
         shared.pop("sam_policy")

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from flatjax import parallel
 from flatjax.losses import chunked_mean, cross_entropy
 
 Array = jax.Array
@@ -88,7 +87,9 @@ def top_eigenvalue(
       (e.g. a chunked dataset HVP from :func:`dataset_hvp`).
 
   Returns:
-    An :class:`EigenResult`.
+    An :class:`EigenResult`. A non-finite product (e.g. at diverged weights) ends the solve at
+    once, with a NaN eigenvalue and ``converged`` False, so that a vmapped solve is not held to
+    ``num_iters`` by one member.
   """
   _check_choice("method", method, METHODS)
   _check_choice("which", which, WHICH)
@@ -177,7 +178,8 @@ def _lanczos_recurrence(matvec, v0, num_iters, stop=None):
   """The Lanczos recurrence with full reorthogonalization from the unit vector ``v0``.
 
   Runs at most ``num_iters`` steps in a ``lax.while_loop`` and stops early when the Krylov space
-  is invariant or when ``stop(alphas, betas, size)`` is true.
+  is invariant, when ``stop(alphas, betas, size)`` is true, or after a non-finite product (the
+  last step then reports not stopped early).
 
   Returns:
     (number of steps taken, basis (rows >= num_iters + 1, n) whose first rows are the Lanczos
@@ -191,8 +193,8 @@ def _lanczos_recurrence(matvec, v0, num_iters, stop=None):
   betas = jnp.zeros((m,), dtype)
 
   def cond(state):
-    i, _, _, _, done = state
-    return (i < m) & ~done
+    i, _, alphas, betas, done = state
+    return (i < m) & ~done & jnp.all(jnp.isfinite(alphas)) & jnp.all(jnp.isfinite(betas))
 
   def body(state):
     i, basis, alphas, betas, _ = state
@@ -280,8 +282,8 @@ def _power(matvec, v0, shift, num_iters, tol):
   """Power iteration on ``matvec``; ``shift`` is added back only for the convergence scale."""
 
   def cond(state):
-    i, _, _, done = state
-    return (i < num_iters) & ~done
+    i, _, theta, done = state
+    return (i < num_iters) & ~done & jnp.isfinite(theta)
 
   def body(state):
     i, v, _, _ = state
@@ -415,7 +417,7 @@ def dataset_hvp(chunk_loss: ChunkLoss, params: PyTree, v: PyTree, x: Array, y: A
 def lambda_max(model, variables: PyTree, x_train: Array, y_train: Array, *,
                batch_size: int = 1000, subset_size: int | None = 1000,
                chunk_size: int | None = None, batch_norm: str = "train",
-               dropout_key: Array | None = None, mesh=None, **solver_kwargs) -> EigenResult:
+               dropout_key: Array | None = None, **solver_kwargs) -> EigenResult:
   """lambda_max of the training loss of a Flax model, following the paper's protocol by default.
 
   The mean cross-entropy over a fixed strided subset of ``subset_size`` training examples (every
@@ -429,8 +431,6 @@ def lambda_max(model, variables: PyTree, x_train: Array, y_train: Array, *,
     subset_size: size of the strided subset, or None for the whole set.
     chunk_size: override the chunk (ghost batch) size.
     batch_norm, dropout_key: modes, see :func:`model_loss`.
-    mesh: a (seed, data) mesh (:mod:`flatjax.parallel`) whose data axis splits every chunk;
-      callers that vmap over members use :func:`flatjax.parallel.vmap_members`.
     **solver_kwargs: passed to :func:`top_eigenvalue` (k, method, which, num_iters, tol, ...).
   """
   if subset_size is not None:
@@ -439,20 +439,17 @@ def lambda_max(model, variables: PyTree, x_train: Array, y_train: Array, *,
   chunk = chunk_size if chunk_size is not None else min(batch_size, 1000)
   key, init = solver_kwargs.pop("key", None), solver_kwargs.pop("init", None)
   program = _lambda_max_program(model, chunk, batch_norm, dropout_key is not None,
-                                tuple(sorted(solver_kwargs.items())), mesh)
+                                tuple(sorted(solver_kwargs.items())))
   return program(variables, jnp.asarray(x_train), jnp.asarray(y_train), dropout_key, key, init)
 
 
 @functools.lru_cache(maxsize=64)
-def _lambda_max_program(model, chunk, batch_norm, dropout, solver_items, mesh):
+def _lambda_max_program(model, chunk, batch_norm, dropout, solver_items):
   """A jitted lambda_max for one model and protocol, reused across weights and data."""
 
   def run(variables, x, y, dropout_key, key, init):
-    model_chunk_loss = model_loss(model, variables, batch_norm=batch_norm,
-                                  dropout_key=dropout_key if dropout else None)
-
-    def chunk_loss(params, xc, yc, index):
-      return model_chunk_loss(params, *parallel.split_examples((xc, yc), mesh), index)
+    chunk_loss = model_loss(model, variables, batch_norm=batch_norm,
+                            dropout_key=dropout_key if dropout else None)
 
     return top_eigenvalue(
         lambda p: dataset_loss(chunk_loss, p, x, y, chunk), variables["params"],

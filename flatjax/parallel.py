@@ -3,10 +3,15 @@
 flatjax uses JAX's own partitioner (GSPMD) rather than hand-written collectives. A run over a
 mesh places the members' state with its leading member axis split over `SEED` (each device
 trains and measures its share of the seeds and hyperparameters) and the data replicated; inside
-the compiled programs each minibatch, evaluation chunk and HVP chunk is constrained to be split
+the compiled training programs each minibatch and evaluation chunk is constrained to be split
 over `DATA`, so the partitioner computes every mean over a batch (losses, gradients, BatchNorm
 statistics) across the devices of the data axis. The numbers are those of one device up to the
 order of floating-point sums.
+
+lambda_max is split over the seed axis only; the devices of a data row repeat its HVPs. Its
+Lanczos loop stops on a residual test, and with HVP chunks split over the data axis the devices
+could round that test differently, leave the loop at different iterations and wait on each other
+for ever (seen on 8 forced CPU devices).
 
 Members are padded to a multiple of the seed axis with copies of the last member, which train
 and stop exactly like it, and the copies are dropped from every result.

@@ -1,4 +1,5 @@
-"""Experiment figures drawn from results.csv; `python -m flatjax.plot WORKDIR` redraws them.
+"""Experiment figures drawn from results.csv and trajectory.csv; `python -m flatjax.plot WORKDIR`
+redraws them.
 
 Figures are drawn on `matplotlib.figure.Figure` objects (no pyplot, no global backend change) and
 saved as PNG.
@@ -9,6 +10,10 @@ value of `FigureSpec.line`. Each point is the mean over seeds of the runs that t
 state, with a min-max band; a hollow marker means some of its seeds hit max_epochs before the
 train-accuracy target (they are included); x marks at the bottom of the accuracy panel are grid
 points where every run diverged. Diverged and failed runs are excluded from the means.
+
+With trajectory.csv (sweeps with --track_every) there is also trajectory.png: lambda_max (log y)
+against the training step, one line per run, coloured by learning rate and styled by the other
+grid axes that vary, with each learning rate's edge of stability 2 / LR dashed in its colour.
 """
 
 from __future__ import annotations
@@ -183,31 +188,88 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def plot_workdir(workdir) -> Path:
-    """Draw the figure of the sweep in `workdir` to WORKDIR/<experiment>.png; return its path."""
-    workdir = Path(workdir)
-    config_path, results_path = workdir / CONFIG_FILE, workdir / results.FILENAME
-    for path in (config_path, results_path):
+def workdir_rows(workdir: Path, table: str, key=results.row_key) -> tuple[dict, list[dict]]:
+    """(config.json, the rows of the experiment in `table`) of a sweep workdir."""
+    config_path, table_path = workdir / CONFIG_FILE, workdir / table
+    for path in (config_path, table_path):
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: {workdir} is not a sweep workdir")
     config = read_config(config_path)
-    if config["figure"] not in FIGURES:
-        raise ValueError(f"no figure named {config['figure']!r}; known: {', '.join(FIGURES)}")
-    rows = [r for r in results.read_rows(results_path) if r["experiment"] == config["experiment"]]
+    rows = [r for r in results.read_rows(table_path, key)
+            if r["experiment"] == config["experiment"]]
     if not rows:
-        raise ValueError(f"{results_path} has no rows of experiment {config['experiment']!r}")
-    experiment = presets.EXPERIMENTS.get(config["experiment"])
-    note = experiment.note if experiment else ""
-    fig = draw(rows, FIGURES[config["figure"]], title_of(config), note)
-    out = workdir / f"{config['experiment']}.png"
+        raise ValueError(f"{table_path} has no rows of experiment {config['experiment']!r}")
+    return config, rows
+
+
+def save_png(fig: Figure, out: Path) -> Path:
+    """Write `fig` to `out` as a PNG, atomically; return `out`."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     results.write_atomic(out, buffer.getvalue())
     return out
 
 
+def plot_workdir(workdir) -> Path:
+    """Draw the figure of the sweep in `workdir` to WORKDIR/<experiment>.png; return its path."""
+    workdir = Path(workdir)
+    config, rows = workdir_rows(workdir, results.FILENAME)
+    if config["figure"] not in FIGURES:
+        raise ValueError(f"no figure named {config['figure']!r}; known: {', '.join(FIGURES)}")
+    experiment = presets.EXPERIMENTS.get(config["experiment"])
+    note = experiment.note if experiment else ""
+    fig = draw(rows, FIGURES[config["figure"]], title_of(config), note)
+    return save_png(fig, workdir / f"{config['experiment']}.png")
+
+
+TRAJECTORY_FIGURE = "trajectory.png"
+RUN_STYLES = ("-", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))  # "--" is for 2 / LR
+
+
+def draw_trajectory(rows, title: str = "") -> Figure:
+    """lambda_max against the training step for trajectory.csv `rows` (module docstring)."""
+    lrs = values_of(rows, "lr")
+    others = [a for a in summary.varying_axes(rows) if a != "lr"]
+    styles = sorted({tuple(summary.axis_value(r, a) for a in others) for r in rows})
+    fig = Figure(figsize=(9, 5.5), layout="constrained")
+    ax = fig.subplots()
+    runs: dict[tuple, list[dict]] = {}
+    for row in rows:
+        runs.setdefault(results.row_key(row), []).append(row)
+    labelled = set()
+    for run in runs.values():
+        run = sorted(run, key=lambda r: int(r["step"]))
+        lr = summary.axis_value(run[0], "lr")
+        style = tuple(summary.axis_value(run[0], a) for a in others)
+        name = ", ".join([f"LR {shown(lr)}"] + [f"{a.replace('_', ' ')} {shown(v)}"
+                                                 for a, v in zip(others, style)])
+        ax.plot([int(r["step"]) for r in run],
+                [results.parse_float(r["lambda_max"]) for r in run], color=f"C{lrs.index(lr)}",
+                linestyle=RUN_STYLES[styles.index(style) % len(RUN_STYLES)],
+                label=None if name in labelled else name)
+        labelled.add(name)
+    for i, lr in enumerate(lrs):
+        ax.axhline(2 / lr, color=f"C{i}", linestyle="--", linewidth=1, label=f"2 / {shown(lr)}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("lambda_max")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.supxlabel("One line per run (seeds share colour and style). Dashed: the edge of "
+                  "stability 2 / LR, in the colour of its LR.", fontsize="small")
+    return fig
+
+
+def plot_trajectory(workdir) -> Path:
+    """Draw WORKDIR/trajectory.png from its trajectory.csv; return its path."""
+    workdir = Path(workdir)
+    config, rows = workdir_rows(workdir, results.TRAJECTORY_FILENAME, results.trajectory_key)
+    return save_png(draw_trajectory(rows, title_of(config)), workdir / TRAJECTORY_FIGURE)
+
+
 def main(argv=None) -> int:
-    """`python -m flatjax.plot WORKDIR [WORKDIR ...]`: redraw each workdir's figure."""
+    """`python -m flatjax.plot WORKDIR [WORKDIR ...]`: redraw each workdir's figures."""
     workdirs = sys.argv[1:] if argv is None else argv
     if not workdirs or any(w.startswith("-") for w in workdirs):
         print("usage: python -m flatjax.plot WORKDIR [WORKDIR ...]", file=sys.stderr)
@@ -216,6 +278,8 @@ def main(argv=None) -> int:
     for workdir in workdirs:
         try:
             print(plot_workdir(workdir))
+            if (Path(workdir) / results.TRAJECTORY_FILENAME).exists():
+                print(plot_trajectory(workdir))
         except (OSError, ValueError, KeyError) as error:
             print(f"error: {workdir}: {error}", file=sys.stderr)
             status = 1

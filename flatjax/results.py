@@ -4,6 +4,9 @@ Every write replaces the whole file: the rows go to a temporary file in the same
 is flushed, synced and renamed over results.csv, so a crash leaves either the old file or the
 new one, never a partial row. Rows with the same key are merged (the newest wins), so a failed
 run that is retried replaces its row rather than adding one.
+
+trajectory.csv (sweeps with --track_every) is written the same way: one row per run and
+lambda_max measurement during training, keyed by (config_hash, seed, step).
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ PROVENANCE_COLUMNS = (
 )
 COLUMNS = SETTINGS_COLUMNS + OUTCOME_COLUMNS + PROVENANCE_COLUMNS
 
+TRAJECTORY_FILENAME = "trajectory.csv"
+TRAJECTORY_COLUMNS = SETTINGS_COLUMNS + (
+    "config_hash", "group_hash", "step", "epoch", "lambda_max", "num_hvps", "converged")
+
 
 def format_value(value) -> str:
     """A CSV cell: "" for None, exact repr for floats (they read back bitwise), str otherwise."""
@@ -62,30 +69,36 @@ def row_key(row: dict) -> tuple[str, int]:
     return row["config_hash"], int(row["seed"])
 
 
-def merge(old: Iterable[dict], new: Iterable[dict]) -> list[dict]:
+def trajectory_key(row: dict) -> tuple[str, int, int]:
+    """(config_hash, seed, step) of a trajectory.csv row."""
+    return row["config_hash"], int(row["seed"]), int(row["step"])
+
+
+def merge(old: Iterable[dict], new: Iterable[dict], key=row_key) -> list[dict]:
     """Rows of `old` then `new`, one per key; a later row replaces an earlier one in place."""
-    merged: dict[tuple[str, int], dict] = {}
+    merged: dict[tuple, dict] = {}
     for row in [*old, *new]:
-        merged[row_key(row)] = row
+        merged[key(row)] = row
     return list(merged.values())
 
 
-def read_rows(path: Path) -> list[dict]:
-    """The rows of a results.csv as dicts of strings, one per key (empty if the file is absent)."""
+def read_rows(path: Path, key=row_key) -> list[dict]:
+    """The rows of a results.csv (or, with `trajectory_key`, a trajectory.csv) as dicts of
+    strings, one per key (empty if the file is absent)."""
     path = Path(path)
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return merge([], csv.DictReader(f))
+        return merge([], csv.DictReader(f), key)
 
 
-def to_csv(rows: Iterable[dict]) -> str:
-    """Rows as CSV text with the header `COLUMNS`; missing cells are empty."""
+def to_csv(rows: Iterable[dict], columns=COLUMNS) -> str:
+    """Rows as CSV text with the header `columns`; missing cells are empty."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: format_value(row.get(k)) for k in COLUMNS})
+        writer.writerow({k: format_value(row.get(k)) for k in columns})
     return out.getvalue()
 
 
@@ -111,11 +124,15 @@ def write_atomic(path: Path, content: str | bytes) -> None:
         os.close(dir_fd)
 
 
-def append_rows(path: Path, rows: Iterable[dict]) -> list[dict]:
-    """Merge `rows` into the results file at `path` atomically; returns all rows now in it."""
-    cells = [{k: format_value(r.get(k)) for k in COLUMNS} for r in rows]
-    merged = merge(read_rows(path), cells)
-    write_atomic(path, to_csv(merged))
+def append_rows(path: Path, rows: Iterable[dict], columns=COLUMNS, key=row_key) -> list[dict]:
+    """Merge `rows` into the results file at `path` atomically; returns all rows now in it.
+
+    `columns` and `key` are those of the file (TRAJECTORY_COLUMNS and `trajectory_key` for a
+    trajectory.csv).
+    """
+    cells = [{k: format_value(r.get(k)) for k in columns} for r in rows]
+    merged = merge(read_rows(path, key), cells, key)
+    write_atomic(path, to_csv(merged, columns))
     return merged
 
 

@@ -61,10 +61,9 @@ def map_members(fn, tree, members_per_call: int, mesh):
     return parallel.vmap_members(fn, mesh)(tree)
 
 
-def measure(model, variables, x, y, batch_size: int, settings: tuple, mesh):
+def measure(model, variables, x, y, batch_size: int, settings: tuple):
     """(eigenvalue, residual, HVPs, converged) of lambda_max at `variables`."""
-    r = hessian.lambda_max(model, variables, x, y, batch_size=batch_size, mesh=mesh,
-                           **dict(settings))
+    r = hessian.lambda_max(model, variables, x, y, batch_size=batch_size, **dict(settings))
     return r.eigenvalue, r.residual, r.num_hvps, r.converged
 
 
@@ -74,7 +73,7 @@ def final_program(model, batch_size: int, settings: tuple, members_per_call: int
 
     def one(member, x, y):
         variables = model_variables(member.params, member.batch_stats)
-        return measure(model, variables, x, y, batch_size, settings, mesh)
+        return measure(model, variables, x, y, batch_size, settings)
 
     return parallel.jit_members(
         lambda state, x, y: map_members(lambda m: one(m, x, y), state, members_per_call, mesh),
@@ -106,7 +105,7 @@ def between_iterates_program(model, optimizer, batch_size: int, num_points: int,
 
         def at(t):
             mixed = jax.tree.map(lambda a, b: (1 - t) * a + t * b, start, end)
-            return measure(model, mixed, x, y, batch_size, settings, mesh)
+            return measure(model, mixed, x, y, batch_size, settings)
 
         values, residuals, hvps, converged = jax.lax.map(at, ts)
         top = jnp.argmax(values)
@@ -131,7 +130,8 @@ def group_sharpness(model, optimizer, config, batch_size: int, batch_norm: bool,
       state: the final TrainState (leading member axis).
       status: the members' status names.
       data: the training data (x_train, y_train); the measure uses its strided subset.
-      mesh: a (seed, data) mesh to shard members and HVP chunks over (flatjax.parallel).
+      mesh: a (seed, data) mesh to shard the members over (flatjax.parallel); the HVP chunks are
+        not split over its data axis (see flatjax.parallel).
     """
     n = len(status)
     x_train, y_train = parallel.place((data.x_train, data.y_train), mesh, members=False)

@@ -5,13 +5,16 @@ configuration, plans the groups of the grid (flatjax.grid), skips runs whose row
 WORKDIR/results.csv are finished, and for each remaining group:
 
 1. builds the model and optimizer, restores the newest good checkpoint if there is one
-   (flatjax.checkpoint), and trains all members in one `train` call, checkpointing every
-   `checkpoint_every` epochs and at the end;
+   (flatjax.checkpoint), and trains all members in one `train` call (tracking lambda_max every
+   `track_every` steps when set), checkpointing every `checkpoint_every` epochs and at the end;
 2. measures lambda_max of its members (flatjax.sharpness);
-3. appends its rows to results.csv atomically (flatjax.results), then deletes its checkpoints.
+3. with tracking, appends its measurements to trajectory.csv; then appends its rows to
+   results.csv (both atomically, flatjax.results; in this order, so a run whose row is in
+   results.csv has its trajectory) and deletes its checkpoints.
 
 A group that raises is recorded as `failed` with the error message, its checkpoints kept, and
-the sweep goes on; a rerun retries it. Finally the experiment's figure is drawn (flatjax.plot).
+the sweep goes on; a rerun retries it. Finally the experiment's figure is drawn (flatjax.plot),
+and with tracking the trajectory figure.
 """
 
 from __future__ import annotations
@@ -36,7 +39,14 @@ from flatjax import assemble, grid, parallel, plot, results, sharpness
 from flatjax import data as data_lib
 from flatjax import train as train_lib
 from flatjax.checkpoint import GroupCheckpoints
-from flatjax.config import CONFIG_FILE, ConfigError, RunOptions, SweepConfig, config_hash
+from flatjax.config import (
+    CONFIG_FILE,
+    ConfigError,
+    RunOptions,
+    SweepConfig,
+    config_hash,
+    with_defaults,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +56,12 @@ ERROR_CHARS = 2000
 
 
 class SweepOutcome(NamedTuple):
-    """The rows of every run of the sweep, whether all finished, and the figure drawn."""
+    """The rows of every run of the sweep, whether all finished, and the figures drawn."""
 
     rows: list
     exit_code: int
     figure: Path | None
+    trajectory_figure: Path | None = None
 
 
 def run_sweep(config: SweepConfig, options: RunOptions, *,
@@ -102,7 +113,10 @@ def sweep_in(workdir: Path, config: SweepConfig, options: RunOptions, load_data:
     sweep_rows = [r for r in rows if results.row_key(r) in planned]
     all_finished = all(r["status"] in results.FINISHED for r in sweep_rows)
     all_finished = all_finished and len(sweep_rows) == len(planned)
-    return SweepOutcome(sweep_rows, 0 if all_finished else 1, draw_figure(workdir))
+    trajectory = None
+    if (workdir / results.TRAJECTORY_FILENAME).exists():
+        trajectory = draw_figure(workdir, plot.plot_trajectory)
+    return SweepOutcome(sweep_rows, 0 if all_finished else 1, draw_figure(workdir), trajectory)
 
 
 def pending_groups(config, groups, rows) -> list[grid.Group]:
@@ -130,7 +144,11 @@ def run_groups(config, options, groups, pending, dataset, workdir, rows, mesh) -
               disable=options.quiet, dynamic_ncols=True) as bar:
         for number, group in enumerate(pending, 1):
             log.info("group %d/%d: %s", number, len(pending), group.label())
-            group_rows = run_group_or_fail(config, options, group, dataset, workdir, mesh)
+            group_rows, trajectory_rows = run_group_or_fail(config, options, group, dataset,
+                                                            workdir, mesh)
+            if trajectory_rows:
+                results.append_rows(workdir / results.TRAJECTORY_FILENAME, trajectory_rows,
+                                    results.TRAJECTORY_COLUMNS, results.trajectory_key)
             rows = results.append_rows(workdir / results.FILENAME, group_rows)
             if not options.keep_checkpoints and all(
                     r["status"] in results.FINISHED for r in group_rows):
@@ -185,9 +203,10 @@ def claim_workdir(workdir: Path, config: SweepConfig, fresh: bool) -> None:
 
 
 def holds_results(workdir: Path) -> bool:
-    """Whether `workdir` has results.csv or checkpoints."""
+    """Whether `workdir` has results.csv, trajectory.csv or checkpoints."""
     checkpoints = workdir / CHECKPOINTS
-    return (workdir / results.FILENAME).exists() or (
+    return any((workdir / name).exists()
+               for name in (results.FILENAME, results.TRAJECTORY_FILENAME)) or (
         checkpoints.is_dir() and any(checkpoints.iterdir()))
 
 
@@ -199,7 +218,7 @@ def config_differences(workdir: Path, config: SweepConfig) -> str:
     if not path.exists():
         return f"it has results or checkpoints but no {CONFIG_FILE}"
     try:
-        saved = json.loads(path.read_text())
+        saved = with_defaults(json.loads(path.read_text()))
     except json.JSONDecodeError:
         return f"{path} is not valid JSON"
     new = config.to_json()
@@ -208,8 +227,10 @@ def config_differences(workdir: Path, config: SweepConfig) -> str:
 
 
 def archive_previous(workdir: Path) -> None:
-    """Move results.csv, config.json, checkpoints and figures into workdir/replaced-<time>/."""
-    names = [results.FILENAME, CONFIG_FILE, CHECKPOINTS] + [p.name for p in workdir.glob("*.png")]
+    """Move results.csv, trajectory.csv, config.json, checkpoints and figures into
+    workdir/replaced-<time>/."""
+    names = [results.FILENAME, results.TRAJECTORY_FILENAME, CONFIG_FILE, CHECKPOINTS] + [
+        p.name for p in workdir.glob("*.png")]
     present = [workdir / n for n in names if (workdir / n).exists()]
     if not present:
         return
@@ -241,8 +262,8 @@ def check_against_data(config: SweepConfig, dataset) -> None:
         raise ConfigError(f"--lambda_subset={config.lambda_subset} exceeds {where}")
 
 
-def run_group_or_fail(config, options, group, dataset, workdir, mesh) -> list[dict]:
-    """The group's rows; `failed` rows carrying the error if it raises."""
+def run_group_or_fail(config, options, group, dataset, workdir, mesh):
+    """The group's (rows, trajectory rows); `failed` rows carrying the error if it raises."""
     start = time.monotonic()
     try:
         return run_group(config, options, group, dataset, workdir, mesh)
@@ -253,11 +274,12 @@ def run_group_or_fail(config, options, group, dataset, workdir, mesh) -> list[di
             {**base_row(config, group, m), "status": "failed", "error": message,
              "wall_s": time.monotonic() - start, "finished_at": results.timestamp()}
             for m in group.members
-        ]
+        ], []
 
 
-def run_group(config, options, group, dataset, workdir, mesh) -> list[dict]:
-    """Train, checkpoint and measure one group on `mesh`; its rows (see the module docstring)."""
+def run_group(config, options, group, dataset, workdir, mesh):
+    """Train, checkpoint and measure one group on `mesh`; its rows and trajectory rows (see the
+    module docstring)."""
     start = time.monotonic()
     model = assemble.build_model(config, group.batch_norm, group.dropout)
     optimizer = assemble.build_optimizer(config, model, dataset.x_train.shape[1:])
@@ -284,7 +306,8 @@ def run_group(config, options, group, dataset, workdir, mesh) -> list[dict]:
         result = train_lib.train(
             model, dataset, batch_size=group.batch_size, lrs=lrs, seeds=seeds,
             max_epochs=config.max_epochs, target_acc=config.target_acc, optimizer=optimizer,
-            hparams=hparams, state=restored.state if restored else None, callback=on_epoch,
+            hparams=hparams, tracking=assemble.tracking(config),
+            state=restored.state if restored else None, callback=on_epoch,
             progress=not options.quiet, desc=group.label(), mesh=mesh)
         checkpoints.save(result.state, int(np.max(result.epochs)), elapsed())
     finally:
@@ -293,7 +316,8 @@ def run_group(config, options, group, dataset, workdir, mesh) -> list[dict]:
     measured = sharpness.group_sharpness(
         model, optimizer, config, group.batch_size, group.batch_norm, lrs,
         options.lambda_members, result.state, result.status, dataset, mesh)
-    return member_rows(config, group, result, measured, elapsed())
+    return (member_rows(config, group, result, measured, elapsed()),
+            trajectory_rows(config, group, result.trajectory))
 
 
 def checkpoint_dir(workdir: Path, config: SweepConfig, group: grid.Group) -> Path:
@@ -303,8 +327,8 @@ def checkpoint_dir(workdir: Path, config: SweepConfig, group: grid.Group) -> Pat
 
 def abstract_state(model, optimizer, config, batch_size, seeds, lrs, hparams, dataset):
     """Structure, shapes and dtypes of the group's TrainState, without computing it."""
-    programs = train_lib.compile_programs(
-        model, optimizer, train_lib.TrainConfig(batch_size, config.max_epochs, config.target_acc))
+    programs = train_lib.compile_programs(model, optimizer, train_lib.TrainConfig(
+        batch_size, config.max_epochs, config.target_acc, tracking=assemble.tracking(config)))
     x = jax.ShapeDtypeStruct(dataset.x_train.shape, dataset.x_train.dtype)
     y = jax.ShapeDtypeStruct(dataset.y_train.shape, dataset.y_train.dtype)
     member_hp = train_lib.member_hparams(lrs, hparams, len(seeds))
@@ -346,16 +370,29 @@ def member_rows(config, group, result: train_lib.TrainResult, measured: sharpnes
     return rows
 
 
+def trajectory_rows(config, group, trajectory: train_lib.Trajectory | None) -> list[dict]:
+    """One row per member and lambda_max measurement taken during training ([] without)."""
+    if trajectory is None:
+        return []
+    return [
+        {**base_row(config, group, member), "step": int(trajectory.step[j]),
+         "epoch": int(trajectory.epoch[j]), "lambda_max": float(trajectory.eigenvalue[i, j]),
+         "num_hvps": int(trajectory.num_hvps[i, j]), "converged": bool(trajectory.converged[i, j])}
+        for i, member in enumerate(group.members) for j in range(trajectory.count[i])
+    ]
+
+
 def status_counts(rows) -> str:
     """E.g. "3 converged, 1 diverged"."""
     counts = {s: sum(r["status"] == s for r in rows) for s in results.STATUSES}
     return ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no runs"
 
 
-def draw_figure(workdir: Path) -> Path | None:
-    """Redraw the workdir's figure; None (with a logged error) when that fails."""
+def draw_figure(workdir: Path, draw: Callable = plot.plot_workdir) -> Path | None:
+    """Redraw a figure of the workdir (`draw(workdir)`, the experiment's by default); None (with
+    a logged error) when that fails."""
     try:
-        return plot.plot_workdir(workdir)
+        return draw(workdir)
     except Exception:  # the results are safe on disk; a figure problem must not hide them
         log.error("could not draw the figure of %s:\n%s", workdir, traceback.format_exc())
         return None

@@ -34,10 +34,21 @@ default (`SGD`) never calls `grad_fn` and keeps the clean pass's statistics. SAM
 `Optimizer(make=<sam around make_optimizer, with aux_like the batch_stats structure>,
 pass_stats=partial(perturbed_pass_stats, policy), kept_stats=partial(sam_batch_stats, policy))`.
 
+lambda_max tracking (`tracking=Tracking(every=k, ...)`): after every global optimizer step that
+is a multiple of k (steps counted from the start of training, the partial step included when
+`drop_last=False`), inside the epoch's scan, each member measures `hessian.lambda_max` of its
+weights on a fixed strided subset of the training set (the paper's protocol, with chunks of the
+training batch size), started from its previous eigenvector, so a measurement costs a few HVPs
+after the first (a cold start). The step is a `lax.cond` whose predicate comes from the epoch
+number the host loop passes unbatched (all members of a call train in lockstep), so under `vmap`
+it stays a conditional and the steps between measurements pay nothing. Tracking off adds nothing
+to the program.
+
 Checkpoints: `TrainState` holds everything a run needs to continue (variables, optimizer state,
-hyperparameters, RNG keys, epochs, stop masks, status, history), as arrays with a leading member
-axis; `train(..., state=saved)` continues from it and gives the same result as a run that was
-never interrupted. `callback(state, metrics)` is called after every epoch, e.g. to save it.
+hyperparameters, RNG keys, epochs, stop masks, status, history, the tracker), as arrays with a
+leading member axis; `train(..., state=saved)` continues from it and gives the same result as a
+run that was never interrupted. `callback(state, metrics)` is called after every epoch, e.g. to
+save it.
 """
 
 from __future__ import annotations
@@ -53,7 +64,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from flatjax import parallel
+from flatjax import hessian, parallel
+from flatjax.data import strided_subset
 from flatjax.losses import chunked_mean, cross_entropy
 
 RUNNING, CONVERGED, NOT_CONVERGED, DIVERGED = 0, 1, 2, 3
@@ -64,8 +76,43 @@ OptimizerFactory = Callable[[Hyperparams], optax.GradientTransformationExtraArgs
 
 
 @dataclasses.dataclass(frozen=True)
+class Tracking:
+    """lambda_max measured every `every` optimizer steps during training (module docstring).
+
+    During a measurement every member of the call holds a Krylov basis of `num_iters` vectors of
+    the size of its params (hessian.top_eigenvalue), whatever the HVPs a warm start needs.
+
+    Attributes:
+      every: steps between measurements (the first is after step `every`).
+      subset_size: the strided training subset measured (None: the whole training set).
+      num_iters, tol: the Lanczos cap and tolerance (None: the solver's default).
+      batch_norm: BatchNorm mode of the measured loss, "train" or "eval" (hessian.model_loss).
+    """
+
+    every: int
+    subset_size: int | None = 1000
+    num_iters: int = 100
+    tol: float | None = None
+    batch_norm: str = "train"
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"tracking every must be at least 1 step, got {self.every}")
+        if self.subset_size is not None and self.subset_size < 1:
+            raise ValueError(f"tracking subset_size must be positive, got {self.subset_size}")
+        if self.num_iters < 1:
+            raise ValueError(f"tracking num_iters must be positive, got {self.num_iters}")
+        if self.tol is not None and not self.tol >= 0:
+            raise ValueError(f"tracking tol must be >= 0, got {self.tol}")
+        if self.batch_norm not in hessian.BATCH_NORM_MODES:
+            raise ValueError(f"tracking batch_norm must be one of {hessian.BATCH_NORM_MODES}, "
+                             f"got {self.batch_norm!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """What every member of one call shares: batch size, stop rule and evaluation chunking."""
+    """What every member of one call shares: batch size, stop rule, evaluation chunking and
+    lambda_max tracking (None: off)."""
 
     batch_size: int
     max_epochs: int
@@ -73,6 +120,7 @@ class TrainConfig:
     divergence_factor: float = 1e3
     eval_batch_size: int = 1000
     drop_last: bool = True
+    tracking: Tracking | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -102,14 +150,29 @@ class EpochMetrics(NamedTuple):
     train_acc: jax.Array
 
 
+class Tracker(NamedTuple):
+    """A member's tracked lambda_max: its last eigenvector and one entry per measurement.
+
+    `eigenvector` is like params (zeros before the first measurement, which therefore starts
+    cold); measurement j is taken after global step (j + 1) * every, and `eigenvalue`,
+    `num_hvps` and `converged` hold NaN, 0 and False after the last one taken.
+    """
+
+    eigenvector: Any
+    eigenvalue: jax.Array
+    num_hvps: jax.Array
+    converged: jax.Array
+
+
 class TrainState(NamedTuple):
     """Everything a run needs to continue; in `train` every leaf has a leading member axis.
 
     Fields: `params`, `batch_stats` (empty dict without BatchNorm), `opt_state`, `hparams` (dict
     of per-member scalars, at least "lr"), `seed`, `key` (data-order and dropout key of the next
     epoch), `epoch` (epochs trained), `active` (still training), `status` (a code indexing
-    STATUS_NAMES), `init_loss` (eval train loss at initialization, the divergence reference) and
-    `history` (EpochMetrics of arrays (max_epochs,), NaN after the last epoch trained).
+    STATUS_NAMES), `init_loss` (eval train loss at initialization, the divergence reference),
+    `history` (EpochMetrics of arrays (max_epochs,), NaN after the last epoch trained) and
+    `tracker` (a `Tracker`; None when tracking is off).
     """
 
     params: Any
@@ -123,6 +186,23 @@ class TrainState(NamedTuple):
     status: jax.Array
     init_loss: jax.Array
     history: EpochMetrics
+    tracker: Tracker | None = None
+
+
+class Trajectory(NamedTuple):
+    """Tracked lambda_max of every member, on the host.
+
+    `step` and `epoch` (M,): the global step of each measurement and the epoch (from 1) it was
+    taken in; `eigenvalue`, `num_hvps`, `converged` (members, M); `count` (members,): how many
+    measurements each member took (its later entries are unused).
+    """
+
+    step: np.ndarray
+    epoch: np.ndarray
+    eigenvalue: np.ndarray
+    num_hvps: np.ndarray
+    converged: np.ndarray
+    count: np.ndarray
 
 
 class TrainResult(NamedTuple):
@@ -139,6 +219,7 @@ class TrainResult(NamedTuple):
     test_acc: np.ndarray
     history: EpochMetrics
     state: TrainState
+    trajectory: Trajectory | None = None
 
     def member_variables(self, i: int) -> dict:
         """The variables (params and batch_stats) of member i, without the member axis."""
@@ -242,6 +323,19 @@ def epoch_batches(perm_key, num_examples: int, batch_size: int):
     return perm[:split].reshape(num_full, batch_size), perm[split:]
 
 
+def steps_per_epoch(num_examples: int, config: TrainConfig) -> int:
+    """Optimizer steps in one epoch: the full batches, and the partial one unless drop_last."""
+    full, rest = divmod(num_examples, config.batch_size)
+    return full + int(rest > 0 and not config.drop_last)
+
+
+def num_measurements(num_examples: int, config: TrainConfig) -> int:
+    """Length of a tracker's history: measurements in max_epochs epochs (0 without tracking)."""
+    if config.tracking is None:
+        return 0
+    return config.max_epochs * steps_per_epoch(num_examples, config) // config.tracking.every
+
+
 def required_correct(target_acc: float, num_examples: int) -> int:
     """Fewest correct predictions whose accuracy reaches `target_acc`, as an integer count."""
     return math.ceil(round(target_acc * num_examples, 9))
@@ -260,6 +354,12 @@ def init_member(model, optimizer: Optimizer, config: TrainConfig, mesh, seed, hp
     batch_stats = variables.get("batch_stats", {})
     init_loss, _ = evaluate(model, params, batch_stats, x, y, config.eval_batch_size, mesh)
     nan_history = jnp.full((config.max_epochs,), jnp.nan, jnp.float32)
+    tracker = None
+    if config.tracking is not None:
+        m = num_measurements(x.shape[0], config)
+        tracker = Tracker(jax.tree.map(jnp.zeros_like, params),
+                          jnp.full((m,), jnp.nan, jnp.float32), jnp.zeros((m,), jnp.int32),
+                          jnp.zeros((m,), bool))
     return TrainState(
         params=params,
         batch_stats=batch_stats,
@@ -272,6 +372,7 @@ def init_member(model, optimizer: Optimizer, config: TrainConfig, mesh, seed, hp
         status=jnp.asarray(RUNNING, jnp.int32),
         init_loss=init_loss,
         history=EpochMetrics(nan_history, nan_history, nan_history),
+        tracker=tracker,
     )
 
 
@@ -285,32 +386,65 @@ def stop_status(config: TrainConfig, epoch, correct_enough, finite, train_loss, 
     ).astype(jnp.int32)
 
 
-def run_epoch(model, optimizer: Optimizer, config: TrainConfig, mesh, state: TrainState, x, y):
+def track(model, config: TrainConfig, step, params, batch_stats, tracker: Tracker,
+          subset) -> Tracker:
+    """`tracker` after global step `step`, with a warm-started lambda_max when one is due.
+
+    `step` must be the same for every member: it is the predicate of a `lax.cond`, which under
+    `vmap` would run the measurement at every step if it were batched.
+    """
+    tracking = config.tracking
+    if tracker.eigenvalue.shape[0] == 0:  # no measurement falls within max_epochs
+        return tracker
+
+    def measure(tracker):
+        r = hessian.lambda_max(
+            model, {"params": params, "batch_stats": batch_stats}, *subset,
+            batch_size=config.batch_size, subset_size=None, batch_norm=tracking.batch_norm,
+            num_iters=tracking.num_iters, tol=tracking.tol, init=tracker.eigenvector)
+        j = step // tracking.every - 1
+        return Tracker(r.eigenvector, tracker.eigenvalue.at[j].set(r.eigenvalue),
+                       tracker.num_hvps.at[j].set(r.num_hvps),
+                       tracker.converged.at[j].set(r.converged))
+
+    return jax.lax.cond(step % tracking.every == 0, measure, lambda t: t, tracker)
+
+
+def run_epoch(model, optimizer: Optimizer, config: TrainConfig, mesh, state: TrainState, x, y,
+              epoch, subset):
     """One epoch of one member, then its evaluation and stop rule.
 
     A member that was not active keeps its state bitwise and gets NaN metrics. Under a `mesh`
-    each minibatch is split over its data axis.
+    each minibatch is split over its data axis. `epoch` (shared by all members, unbatched) is
+    the number of epochs the active members have trained and `subset` the (x, y) that tracking
+    measures (None when off).
     """
     n = x.shape[0]
     tx = optimizer.make(state.hparams)
     next_key, perm_key, dropout_key = split_epoch_key(state.key)
     full, rest = epoch_batches(perm_key, n, config.batch_size)
+    first_step = epoch * steps_per_epoch(n, config)
 
     def step(carry, inputs):
         i, idx = inputs
+        params, stats, opt_state, tracker = carry
         params, stats, opt_state, loss = train_step(
-            model, optimizer, tx, *carry, parallel.split_examples(Batch(x[idx], y[idx]), mesh),
+            model, optimizer, tx, params, stats, opt_state,
+            parallel.split_examples(Batch(x[idx], y[idx]), mesh),
             jax.random.fold_in(dropout_key, i)
         )
-        return (params, stats, opt_state), loss
+        if tracker is not None:
+            tracker = track(model, config, first_step + i + 1, params, stats, tracker,
+                            subset)
+        return (params, stats, opt_state, tracker), loss
 
-    carry = (state.params, state.batch_stats, state.opt_state)
+    carry = (state.params, state.batch_stats, state.opt_state, state.tracker)
     carry, losses = jax.lax.scan(step, carry, (jnp.arange(full.shape[0]), full))
     loss_sum, seen = losses.sum() * config.batch_size, full.size
     if rest.size and not config.drop_last:
         carry, rest_loss = step(carry, (full.shape[0], rest))
         loss_sum, seen = loss_sum + rest_loss * rest.size, seen + rest.size
-    params, batch_stats, opt_state = carry
+    params, batch_stats, opt_state, tracker = carry
 
     train_loss, train_acc = evaluate(model, params, batch_stats, x, y, config.eval_batch_size,
                                      mesh)
@@ -329,6 +463,7 @@ def run_epoch(model, optimizer: Optimizer, config: TrainConfig, mesh, state: Tra
         active=status == RUNNING,
         status=status,
         history=history,
+        tracker=tracker,
     )
     kept = jax.tree.map(lambda a, b: jnp.where(state.active, a, b), new, state)
     return kept, jax.tree.map(lambda m: jnp.where(state.active, m, jnp.nan), metrics)
@@ -346,6 +481,9 @@ class Programs(NamedTuple):
 def compile_programs(model, optimizer: Optimizer, config: TrainConfig, mesh=None) -> Programs:
     """Jitted programs over a leading member axis; data arguments are shared by all members.
 
+    `epoch(state, x, y, epoch, subset)` takes the active members' epoch count and the tracked
+    subset (see `run_epoch`).
+
     With a `mesh` (flatjax.parallel) the member axis is its seed axis and examples are split
     over its data axis; the inputs are expected placed by `parallel.place_members` / `place`.
     """
@@ -355,7 +493,7 @@ def compile_programs(model, optimizer: Optimizer, config: TrainConfig, mesh=None
     init = compile_members(
         functools.partial(init_member, model, optimizer, config, mesh), (0, 0, None, None))
     epoch = compile_members(
-        functools.partial(run_epoch, model, optimizer, config, mesh), (0, None, None))
+        functools.partial(run_epoch, model, optimizer, config, mesh), (0, None, None, None, None))
     evaluate_members = compile_members(
         lambda s, x, y: evaluate(model, s.params, s.batch_stats, x, y, config.eval_batch_size,
                                  mesh),
@@ -389,8 +527,9 @@ def member_seeds(seeds: Sequence[int]) -> np.ndarray:
     return seeds.astype(np.int32)
 
 
-def check_resumable(state: TrainState, seeds: np.ndarray, hparams: dict, config: TrainConfig):
-    """Raise unless `state` belongs to these members and this config."""
+def check_resumable(state: TrainState, seeds: np.ndarray, hparams: dict, config: TrainConfig,
+                    num_examples: int):
+    """Raise unless `state` belongs to these members, this config and this many examples."""
     if not np.array_equal(np.asarray(state.seed), seeds):
         saved = np.asarray(state.seed).tolist()
         raise ValueError(f"state is for seeds {saved}, not {seeds.tolist()}")
@@ -402,6 +541,11 @@ def check_resumable(state: TrainState, seeds: np.ndarray, hparams: dict, config:
             raise ValueError(f"state's {name} differs from the requested {values.tolist()}")
     if state.history.train_acc.shape[-1] != config.max_epochs:
         raise ValueError("state was made for a different max_epochs")
+    if (state.tracker is None) != (config.tracking is None):
+        raise ValueError(f"state was made with tracking {'off' if state.tracker is None else 'on'}")
+    if (state.tracker is not None and state.tracker.eigenvalue.shape[-1]
+            != num_measurements(num_examples, config)):
+        raise ValueError("state was made for another tracking interval or training set size")
 
 
 def train(
@@ -418,6 +562,7 @@ def train(
     drop_last: bool = True,
     optimizer: Optimizer = SGD,
     hparams: Mapping[str, Sequence[float]] | None = None,
+    tracking: Tracking | None = None,
     state: TrainState | None = None,
     callback: Callable[[TrainState, EpochMetrics], None] | None = None,
     progress: bool = True,
@@ -434,6 +579,7 @@ def train(
       lrs, seeds: one entry per member (same length).
       optimizer: an `Optimizer`; the default is plain SGD.
       hparams: extra per-member hyperparameters passed to `optimizer.make` (e.g. {"rho": [...]}).
+      tracking: measure lambda_max during training (`Tracking`; module docstring); None: off.
       state: a `TrainState` of these members to continue from (e.g. a restored checkpoint).
       callback: called as callback(state, metrics) after every epoch.
       progress: show a tqdm bar (epoch, loss and train accuracy of the running members).
@@ -443,10 +589,11 @@ def train(
 
     Returns:
       TrainResult with final variables, status names, epochs, eval-mode train loss and accuracy,
-      test loss and accuracy, per-epoch history and the final state.
+      test loss and accuracy, per-epoch history, the final state and, with tracking, the
+      trajectory.
     """
     config = TrainConfig(
-        batch_size, max_epochs, target_acc, divergence_factor, eval_batch_size, drop_last
+        batch_size, max_epochs, target_acc, divergence_factor, eval_batch_size, drop_last, tracking
     )
     seeds = member_seeds(seeds)
     member_hp = member_hparams(lrs, hparams, seeds.size)
@@ -455,30 +602,42 @@ def train(
             f"batch_size {batch_size} exceeds the {len(data.x_train)} training examples"
         )
     x, y = parallel.place((data.x_train, data.y_train), mesh, members=False)
+    subset = None
+    if tracking is not None:
+        subset = parallel.place(
+            strided_subset(data.x_train, data.y_train, tracking.subset_size or len(data.x_train)),
+            mesh, members=False)
     programs = compile_programs(model, optimizer, config, mesh)
     if state is None:
         state = programs.init(*parallel.place_members((seeds, member_hp), seeds.size, mesh), x, y)
     else:
-        check_resumable(state, seeds, member_hp, config)
+        check_resumable(state, seeds, member_hp, config, len(data.x_train))
         state = parallel.place_members(state, seeds.size, mesh)
-    state = run_epochs(programs.epoch, state, x, y, config, callback, progress, desc, seeds.size)
+    state = run_epochs(programs.epoch, state, x, y, subset, config, callback, progress, desc,
+                       seeds.size)
     x_test, y_test = parallel.place((data.x_test, data.y_test), mesh, members=False)
     test_loss, test_acc = programs.evaluate(state, x_test, y_test)
-    return make_result(*parallel.first_members((state, test_loss, test_acc), seeds.size))
+    result = make_result(*parallel.first_members((state, test_loss, test_acc), seeds.size))
+    if tracking is None:
+        return result
+    return result._replace(
+        trajectory=trajectory(result.state, result.epochs, config, len(data.x_train)))
 
 
-def run_epochs(epoch_program, state, x, y, config, callback, progress, desc,
+def run_epochs(epoch_program, state, x, y, subset, config, callback, progress, desc,
                num_members: int) -> TrainState:
     """The Python epoch loop: one compiled call per epoch until no member is active.
 
-    `state` may hold padding members after the first `num_members` (flatjax.parallel); the
-    callback sees the first `num_members` only.
+    Each call gets the epoch count of the active members (the largest of all) and the tracked
+    `subset`. `state` may hold padding members after the first `num_members`
+    (flatjax.parallel); the callback sees the first `num_members` only.
     """
-    with tqdm(total=config.max_epochs, initial=int(np.max(parallel.to_host(state.epoch))),
+    epoch = parallel.to_host(state.epoch)
+    with tqdm(total=config.max_epochs, initial=int(np.max(epoch)),
               desc=desc, disable=not progress, leave=False) as bar:
         active = parallel.to_host(state.active)[:num_members]
         while bool(np.any(active)):
-            state, metrics = epoch_program(state, x, y)
+            state, metrics = epoch_program(state, x, y, int(np.max(epoch)), subset)
             epoch, loss, acc, now_active = parallel.to_host(
                 (state.epoch, metrics.train_loss, metrics.train_acc, state.active))
             bar.update(int(np.max(epoch)) - bar.n)
@@ -491,6 +650,18 @@ def run_epochs(epoch_program, state, x, y, config, callback, progress, desc,
             if callback is not None:
                 callback(*parallel.first_members((state, metrics), num_members))
     return state
+
+
+def trajectory(state: TrainState, epochs: np.ndarray, config: TrainConfig,
+               num_examples: int) -> Trajectory:
+    """The host-side `Trajectory` of a final state whose members trained `epochs` epochs."""
+    per_epoch = steps_per_epoch(num_examples, config)
+    every = config.tracking.every
+    step = every * np.arange(1, num_measurements(num_examples, config) + 1)
+    eigenvalue, num_hvps, converged = parallel.to_host(
+        (state.tracker.eigenvalue, state.tracker.num_hvps, state.tracker.converged))
+    return Trajectory(step, -(-step // per_epoch), eigenvalue, num_hvps, converged,
+                      np.asarray(epochs) * per_epoch // every)
 
 
 def make_result(state: TrainState, test_loss, test_acc) -> TrainResult:

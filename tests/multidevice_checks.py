@@ -63,7 +63,7 @@ def epoch_hlo(model, data, mesh) -> str:
     kernel = state.params["Dense_0"]["kernel"]
     assert kernel.shape[0] == parallel.padded_size(3, mesh)
     assert kernel.sharding.mesh == mesh and kernel.sharding.spec[0] == parallel.SEED
-    return programs.epoch.lower(state, x, y).compile().as_text()
+    return programs.epoch.lower(state, x, y, 0, None).compile().as_text()
 
 
 def check_train_and_lambda_max():
