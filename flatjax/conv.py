@@ -55,17 +55,24 @@ def conv(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
   return {"xla": conv_xla, "im2col": conv_im2col}[resolve_impl(impl)](x, kernel)
 
 
+def _larger(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Elementwise max as a select (a on ties, NaN from either side), so derivatives follow it."""
+  return jnp.where((a >= b) | jnp.isnan(a), a, b)
+
+
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max-pooling with stride 2 of NHWC `x` ('VALID': an odd last row or column is dropped).
 
-  The same values as `flax.linen.max_pool(x, (2, 2), (2, 2))`, written as a reshape and a max so
-  that its derivatives are plain elementwise operations (no select_and_scatter). Gradients agree
-  wherever each window has a unique maximum; where a window's maximum is tied, the gradient is
-  split evenly among the tied entries (XLA's and PyTorch's pooling give it all to one of them).
-  After a ReLU, ties are zeros whose ReLU derivative is zero, so the gradients and HVPs with
-  respect to the parameters of a network are the same either way.
+  The same values as `flax.linen.max_pool(x, (2, 2), (2, 2))`, written as two elementwise selects
+  so that the derivatives are selects too (no select_and_scatter). Each window's gradient goes to
+  its first maximal entry in row-major order, as in XLA's and PyTorch's pooling.
+
+  A `jnp.max` over the window would not do: its derivative divides by the number of entries equal
+  to the maximum, and when XLA recomputes the input inside a fusion with different rounding that
+  number can be zero, which made jitted HVPs of BatchNorm networks NaN.
   """
   h, w, c = x.shape[-3:]
   x = x[..., :h - h % 2, :w - w % 2, :]
   x = x.reshape(*x.shape[:-3], h // 2, 2, w // 2, 2, c)
-  return jnp.max(x, axis=(-4, -2))
+  row_max = _larger(x[..., 0, :], x[..., 1, :])  # within each row of a window
+  return _larger(row_max[..., 0, :, :], row_max[..., 1, :, :])

@@ -460,15 +460,19 @@ def _lambda_max_program(model, chunk, batch_norm, dropout, solver_items):
 
 
 def interpolated_lambda_max(model, variables_a: PyTree, variables_b: PyTree, x_train: Array,
-                            y_train: Array, *, num_points: int = 8, **kwargs) -> tuple[Array, Array]:
+                            y_train: Array, *, num_points: int = 8,
+                            **kwargs) -> tuple[EigenResult, Array]:
   """Largest lambda_max over ``num_points`` evenly spaced interpolations of two variable sets.
 
   The points are ``(1 - t) a + t b`` for t in linspace(0, 1, num_points) (both ends included),
   applied to every collection, BatchNorm statistics included. Used for BatchNorm networks at
-  small learning rates, with ``b`` one extra SGD step from ``a``.
+  small learning rates, with ``b`` one extra SGD step from ``a``. ``kwargs`` go to
+  :func:`lambda_max`.
 
   Returns:
-    (the largest eigenvalue, the eigenvalue at every point).
+    (the :class:`EigenResult` of the point with the largest eigenvalue, its ``num_hvps`` summed
+    over all points; the eigenvalue at every point). A point whose solve failed (NaN) makes the
+    largest eigenvalue NaN: a maximum over the other points could understate it.
   """
   if num_points < 2:
     raise ValueError(f"num_points must be >= 2, got {num_points}.")
@@ -476,10 +480,12 @@ def interpolated_lambda_max(model, variables_a: PyTree, variables_b: PyTree, x_t
 
   def at(t):
     mixed = jax.tree.map(lambda a, b: (1 - t) * a + t * b, variables_a, variables_b)
-    return lambda_max(model, mixed, x_train, y_train, **kwargs).eigenvalue
+    return lambda_max(model, mixed, x_train, y_train, **kwargs)
 
-  values = jax.lax.map(at, ts)
-  return jnp.max(values), values
+  results = jax.lax.map(at, ts)
+  top = jnp.argmax(results.eigenvalue)  # a NaN counts as the largest
+  largest = jax.tree.map(lambda a: a[top], results)
+  return largest._replace(num_hvps=results.num_hvps.sum()), results.eigenvalue
 
 
 def _has_dropout(model) -> bool:

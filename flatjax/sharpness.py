@@ -17,7 +17,6 @@ import functools
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flatjax import hessian, parallel
@@ -97,19 +96,13 @@ def next_step_variables(model, optimizer, batch_size: int, member: train_lib.Tra
 def between_iterates_program(model, optimizer, batch_size: int, num_points: int,
                              settings: tuple, members_per_call: int, mesh):
     """Jitted `(state, x_train, y_train, x, y) ->` per-member largest `measure` between iterates."""
-    ts = jnp.linspace(0.0, 1.0, num_points)
 
     def one(member, x_train, y_train, x, y):
         start = model_variables(member.params, member.batch_stats)
         end = next_step_variables(model, optimizer, batch_size, member, x_train, y_train, mesh)
-
-        def at(t):
-            mixed = jax.tree.map(lambda a, b: (1 - t) * a + t * b, start, end)
-            return measure(model, mixed, x, y, batch_size, settings)
-
-        values, residuals, hvps, converged = jax.lax.map(at, ts)
-        top = jnp.argmax(values)
-        return values[top], residuals[top], hvps.sum(), converged[top]
+        r, _ = hessian.interpolated_lambda_max(model, start, end, x, y, num_points=num_points,
+                                               batch_size=batch_size, **dict(settings))
+        return r.eigenvalue, r.residual, r.num_hvps, r.converged
 
     return parallel.jit_members(
         lambda state, *data: map_members(lambda m: one(m, *data), state, members_per_call, mesh),

@@ -305,11 +305,16 @@ def test_interpolated_lambda_max_is_the_max_over_explicit_points():
   b = init(model, x, seed=1)
   best, values = H.interpolated_lambda_max(model, a, b, x, y, num_points=4, batch_size=10,
                                            subset_size=None, batch_norm="eval")
+  singles = []
   for t, value in zip(np.linspace(0, 1, 4), values):
     mixed = jax.tree.map(lambda u, w: (1 - t) * u + t * w, a, b)
-    single = H.lambda_max(model, mixed, x, y, batch_size=10, subset_size=None, batch_norm="eval")
-    np.testing.assert_allclose(value, single.eigenvalue, rtol=1e-4)
-  np.testing.assert_allclose(best, np.max(values))
+    singles.append(H.lambda_max(model, mixed, x, y, batch_size=10, subset_size=None,
+                                batch_norm="eval"))
+    np.testing.assert_allclose(value, singles[-1].eigenvalue, rtol=1e-4)
+  top = int(np.argmax(values))
+  np.testing.assert_allclose(best.eigenvalue, np.max(values))
+  np.testing.assert_allclose(best.residual, singles[top].residual, rtol=1e-2, atol=1e-6)
+  assert int(best.num_hvps) == sum(int(r.num_hvps) for r in singles)
   assert len(set(np.round(np.asarray(values), 4))) == 4  # the points really differ
 
 
