@@ -32,7 +32,8 @@ class SweepConfig:
     MLP hidden units). `lambda_*` fields set how lambda_max is measured (flatjax.sharpness).
     `track_every` > 0 also measures lambda_max every that many training steps, with the same
     settings, into trajectory.csv (flatjax.train.Tracking); it leaves the runs' results alone, so
-    it is not part of their hash.
+    it is not part of their hash. `adaptive_rho` set also measures adaptive sharpness at the final
+    weights (flatjax.sharpness), with `adaptive_steps` ascent steps.
     """
 
     experiment: str
@@ -60,6 +61,8 @@ class SweepConfig:
     between_iterates_below_lr: float | None = None
     between_iterates_points: int = 8
     track_every: int = 0
+    adaptive_rho: float | None = None
+    adaptive_steps: int = 10
 
     def __post_init__(self):
         problems = config_problems(self)
@@ -158,6 +161,10 @@ def config_problems(config: SweepConfig) -> list[str]:
         problems.append(f"--target_acc must be in (0, 1], got {config.target_acc}")
     if config.track_every < 0:
         problems.append(f"--track_every must be >= 0 (0: no tracking), got {config.track_every}")
+    if config.adaptive_rho is not None and not config.adaptive_rho > 0:
+        problems.append(f"--adaptive_rho must be > 0 (0: not measured), got {config.adaptive_rho}")
+    if config.adaptive_steps < 0:
+        problems.append(f"--adaptive_steps must be >= 0, got {config.adaptive_steps}")
     if config.between_iterates_points < 2:
         problems.append(f"--between_iterates_points must be >= 2, "
                         f"got {config.between_iterates_points}")

@@ -55,7 +55,9 @@ def plan_groups(config: SweepConfig, max_members: int = 0) -> list[Group]:
 def run_settings(config: SweepConfig, group: Group, member: Member) -> dict:
     """Everything that determines a run except its seed (the input of its config hash).
 
-    `track_every` is left out: tracking adds trajectory rows but does not change the run.
+    `track_every` is left out: tracking adds trajectory rows but does not change the run. So are
+    the adaptive sharpness settings when it is not measured, which keeps the keys of rows written
+    before it existed.
     """
     shared = {
         k: v for k, v in dataclasses.asdict(config).items()
@@ -64,6 +66,9 @@ def run_settings(config: SweepConfig, group: Group, member: Member) -> dict:
     }
     if config.optimizer != "sam":
         shared.pop("sam_policy")
+    if config.adaptive_rho is None:
+        shared.pop("adaptive_rho")
+        shared.pop("adaptive_steps")
     return {**shared, "batch_size": group.batch_size, "batch_norm": group.batch_norm,
             "dropout": group.dropout, "lr": member.lr, "rho": member.rho}
 

@@ -414,6 +414,11 @@ def dataset_hvp(chunk_loss: ChunkLoss, params: PyTree, v: PyTree, x: Array, y: A
       lambda xc, yc, i: hvp(lambda p: chunk_loss(p, xc, yc, i), params, v), x, y, chunk_size)
 
 
+def protocol_chunk(batch_size: int, chunk_size: int | None = None) -> int:
+  """The chunk (ghost batch) of the lambda_max protocol: ``chunk_size``, else min(batch_size, 1000)."""
+  return chunk_size if chunk_size is not None else min(batch_size, 1000)
+
+
 def lambda_max(model, variables: PyTree, x_train: Array, y_train: Array, *,
                batch_size: int = 1000, subset_size: int | None = 1000,
                chunk_size: int | None = None, batch_norm: str = "train",
@@ -436,7 +441,7 @@ def lambda_max(model, variables: PyTree, x_train: Array, y_train: Array, *,
   if subset_size is not None:
     from flatjax.data import strided_subset  # pylint: disable=import-outside-toplevel
     x_train, y_train = strided_subset(x_train, y_train, subset_size)
-  chunk = chunk_size if chunk_size is not None else min(batch_size, 1000)
+  chunk = protocol_chunk(batch_size, chunk_size)
   key, init = solver_kwargs.pop("key", None), solver_kwargs.pop("init", None)
   program = _lambda_max_program(model, chunk, batch_norm, dropout_key is not None,
                                 tuple(sorted(solver_kwargs.items())))

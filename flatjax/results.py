@@ -32,12 +32,12 @@ SETTINGS_COLUMNS = (
     "experiment", "seed", "dataset", "train_subset", "model", "width", "hidden", "batch_norm",
     "dropout", "optimizer", "sam_policy", "rho", "batch_size", "lr", "max_epochs", "target_acc",
     "lambda_subset", "lambda_batch_norm", "lambda_iters", "lambda_tol",
-    "between_iterates_below_lr", "between_iterates_points",
+    "between_iterates_below_lr", "between_iterates_points", "adaptive_rho", "adaptive_steps",
 )
 OUTCOME_COLUMNS = (
     "status", "epochs", "train_loss", "train_acc", "test_loss", "test_acc", "lambda_max",
-    "lambda_max_residual", "lambda_max_hvps", "lambda_max_converged", "lambda_method", "wall_s",
-    "error",
+    "lambda_max_residual", "lambda_max_hvps", "lambda_max_converged", "lambda_method",
+    "adaptive_sharpness", "wall_s", "error",
 )
 PROVENANCE_COLUMNS = (
     "config_hash", "group_hash", "jax_version", "flax_version", "optax_version",

@@ -8,6 +8,10 @@ Two measures (the paper's lambda_max protocol):
   interpolations of the two variable sets (BatchNorm statistics included); the residual
   reported is that of the largest point, the HVP count the sum over points.
 
+With `adaptive_rho` set, also the adaptive sharpness at the final weights: the largest rise of
+the same loss within the |w| + 0.01-scaled ball of that radius (flatjax.spectrum.
+adaptive_sharpness, by `adaptive_steps` steps of projected gradient ascent: a lower bound).
+
 Diverged members are not measured: their cells are NaN and their method is "".
 """
 
@@ -19,7 +23,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from flatjax import hessian, parallel
+from flatjax import hessian, parallel, spectrum
 from flatjax import train as train_lib
 from flatjax.data import strided_subset
 
@@ -34,6 +38,7 @@ class Sharpness(NamedTuple):
     num_hvps: np.ndarray
     converged: np.ndarray
     method: list
+    adaptive: np.ndarray
 
 
 def model_variables(params, batch_stats) -> dict:
@@ -73,6 +78,24 @@ def final_program(model, batch_size: int, settings: tuple, members_per_call: int
     def one(member, x, y):
         variables = model_variables(member.params, member.batch_stats)
         return measure(model, variables, x, y, batch_size, settings)
+
+    return parallel.jit_members(
+        lambda state, x, y: map_members(lambda m: one(m, x, y), state, members_per_call, mesh),
+        mesh, (0, None, None))
+
+
+@functools.lru_cache(maxsize=32)
+def adaptive_program(model, batch_size: int, batch_norm: str, rho: float, num_steps: int,
+                     members_per_call: int, mesh):
+    """Jitted `(state, x, y) ->` per-member adaptive sharpness of the lambda_max loss."""
+
+    def one(member, x, y):
+        variables = model_variables(member.params, member.batch_stats)
+        chunk_loss = hessian.model_loss(model, variables, batch_norm=batch_norm)
+        chunk = hessian.protocol_chunk(batch_size)
+        loss = lambda p: hessian.dataset_loss(chunk_loss, p, x, y, chunk)  # noqa: E731
+        return spectrum.adaptive_sharpness(loss, member.params, rho=rho,
+                                           num_steps=num_steps).sharpness
 
     return parallel.jit_members(
         lambda state, x, y: map_members(lambda m: one(m, x, y), state, members_per_call, mesh),
@@ -145,17 +168,27 @@ def group_sharpness(model, optimizer, config, batch_size: int, batch_norm: bool,
                                            members_per_call, mesh)
         return program(s, x_train, y_train, x, y)
 
+    def adaptive(s):
+        program = adaptive_program(model, batch_size, config.lambda_batch_norm,
+                                   config.adaptive_rho, config.adaptive_steps, members_per_call,
+                                   mesh)
+        return (program(s, x, y),)
+
     columns = [np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, bool)]
+    adaptive_column = [np.full(n, np.nan)]
     method = [""] * n
-    for mask, name, measure in ((measured & ~between, FINAL, final),
-                                (between, BETWEEN_ITERATES, between_iterates)):
+    measures = [(measured & ~between, FINAL, final, columns),
+                (between, BETWEEN_ITERATES, between_iterates, columns)]
+    if config.adaptive_rho is not None:
+        measures.append((measured, None, adaptive, adaptive_column))
+    for mask, name, measure, into in measures:
         index = np.flatnonzero(mask)
         if index.size == 0:
             continue
         members = jax.tree.map(lambda a, index=index: a[index], state)
         results = measure(parallel.place_members(members, index.size, mesh))
-        for column, values in zip(columns, parallel.to_host(results), strict=True):
+        for column, values in zip(into, parallel.to_host(results), strict=True):
             column[index] = values[:index.size]
         for i in index:
-            method[i] = name
-    return Sharpness(*columns, method)
+            method[i] = name or method[i]
+    return Sharpness(*columns, method, *adaptive_column)

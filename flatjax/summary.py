@@ -59,7 +59,7 @@ def grid_points(rows, axes) -> dict[tuple, list[dict]]:
 
 def metric_stat(rows, metric: str) -> Stat:
     """`Stat` of `metric` over the rows that trained to a final state."""
-    return stat([parse_float(r[metric]) for r in rows if r["status"] in TRAINED])
+    return stat([parse_float(r.get(metric)) for r in rows if r["status"] in TRAINED])
 
 
 def format_stat(s: Stat, digits: int) -> str:
@@ -70,16 +70,20 @@ def format_stat(s: Stat, digits: int) -> str:
 
 
 def table(rows, axes=None) -> str:
-    """One line per grid point: test accuracy and lambda_max over seeds, and status counts."""
+    """One line per grid point: test accuracy, lambda_max and (where measured) adaptive sharpness
+    over seeds, and status counts."""
     axes = tuple(axes or varying_axes(rows))
-    header = [*axes, "runs", "test_acc mean (min-max)", "lambda_max mean (min-max)", "status"]
+    metrics = ["test_acc", "lambda_max"]
+    if metric_stat(rows, "adaptive_sharpness").count:
+        metrics.append("adaptive_sharpness")
+    header = [*axes, "runs", *(f"{m} mean (min-max)" for m in metrics), "status"]
     lines = []
     for key, point in grid_points(rows, axes).items():
         counts = {s: sum(r["status"] == s for r in point) for s in STATUSES}
         status = " ".join(f"{n} {SHORT_STATUS[s]}" for s, n in counts.items() if n)
         lines.append([*(f"{v:g}" if isinstance(v, float) else str(v) for v in key),
-                      str(len(point)), format_stat(metric_stat(point, "test_acc"), 4),
-                      format_stat(metric_stat(point, "lambda_max"), 4), status])
+                      str(len(point)), *(format_stat(metric_stat(point, m), 4) for m in metrics),
+                      status])
     widths = [max(len(str(c)) for c in column) for column in zip(header, *lines, strict=True)]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
                      for line in [header, *lines])

@@ -363,6 +363,7 @@ def member_rows(config, group, result: train_lib.TrainResult, measured: sharpnes
             "lambda_max_hvps": int(measured.num_hvps[i]) if was_measured else None,
             "lambda_max_converged": bool(measured.converged[i]) if was_measured else None,
             "lambda_method": measured.method[i],
+            "adaptive_sharpness": float(measured.adaptive[i]),
             "wall_s": wall_s,
             "error": "",
             "finished_at": results.timestamp(),

@@ -29,6 +29,8 @@ def error_of(capsys, argv, experiment="tiny") -> str:
     (["--lambda_subset=500"], "--lambda_subset=500 exceeds the 96 training examples"),
     (["--lambda_batch_norm=ghost"], "--lambda_batch_norm must be one of train, eval"),
     (["--lambda_tol=-1"], "--lambda_tol must be >= 0, got -1.0"),
+    (["--adaptive_rho=-0.1"], "--adaptive_rho must be > 0 (0: not measured), got -0.1"),
+    (["--adaptive_rho=0.1", "--adaptive_steps=-1"], "--adaptive_steps must be >= 0, got -1"),
     (["--preset=huge"], "unknown preset 'huge' for experiment 'tiny'; known: smoke, cpu"),
     (["--platform=tpu"], "--platform=tpu was asked for, but JAX has no tpu backend here"),
 ])

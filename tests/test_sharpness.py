@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import tiny_sweep as tiny
 
-from flatjax import hessian, sharpness
+from flatjax import hessian, sharpness, spectrum
 from flatjax import train as train_lib
 
 BATCH = 16
@@ -29,7 +29,8 @@ class DenseBN(nn.Module):
 def settings(**overrides):
     return types.SimpleNamespace(**{
         "lambda_subset": 64, "lambda_batch_norm": "train", "lambda_iters": 30, "lambda_tol": None,
-        "between_iterates_below_lr": 0.1, "between_iterates_points": 4, **overrides})
+        "between_iterates_below_lr": 0.1, "between_iterates_points": 4, "adaptive_rho": None,
+        "adaptive_steps": 3, **overrides})
 
 
 def explicit_next_step(model, member, data, lr):
@@ -73,6 +74,29 @@ def test_between_iterates_and_final_measures_match_explicit_computations():
     np.testing.assert_allclose(measured.eigenvalue[1],
                                lam(jax.tree.map(lambda a: a[1], result.variables)), rtol=1e-4)
     assert np.all(measured.residual < 1e-2 * measured.eigenvalue) and np.all(measured.converged)
+    assert np.isnan(measured.adaptive).all()  # adaptive_rho None: not measured
+
+
+def test_adaptive_sharpness_matches_an_explicit_computation_at_the_final_weights():
+    model, data = DenseBN(), tiny.synthetic("synthetic")
+    result = train_lib.train(model, data, batch_size=BATCH, lrs=list(LRS), seeds=[0, 0],
+                             max_epochs=2, progress=False)
+    measured = sharpness.group_sharpness(
+        model, train_lib.SGD, settings(adaptive_rho=0.2), BATCH, True, LRS, 0, result.state,
+        ["diverged", result.status[1]], data)
+    assert np.isnan(measured.adaptive[0])  # diverged: not measured
+
+    x, y = (jnp.asarray(a) for a in (data.x_train[:64], data.y_train[:64]))
+    variables = jax.tree.map(lambda a: a[1], result.variables)
+
+    def loss(params):  # train-mode BatchNorm in ghost batches of BATCH, as lambda_max
+        logits = [model.apply({**variables, "params": params}, x[i:i + BATCH], train=True,
+                              mutable=["batch_stats"])[0] for i in range(0, 64, BATCH)]
+        return optax.softmax_cross_entropy_with_integer_labels(jnp.concatenate(logits), y).mean()
+
+    truth = spectrum.adaptive_sharpness(loss, variables["params"], rho=0.2, num_steps=3)
+    assert truth.sharpness > 0
+    np.testing.assert_allclose(measured.adaptive[1], truth.sharpness, rtol=1e-3)
 
 
 def test_diverged_members_are_not_measured():

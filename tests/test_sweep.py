@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tiny_sweep as tiny
 
-from flatjax import assemble, checkpoint, grid, presets, results, sweep
+from flatjax import assemble, checkpoint, grid, presets, results, summary, sweep
 from flatjax import train as train_lib
 from flatjax.config import CONFIG_FILE, ConfigError, split_settings
 
@@ -242,3 +242,27 @@ def test_groups_share_everything_but_seed_lr_and_rho():
     keys = [grid.run_key(config, g, m) for g in groups for m in g.members]
     assert len(set(keys)) == len(keys) == 48
     assert len({grid.group_hash(config, g) for g in chunks}) == 12
+
+
+def test_adaptive_sharpness_fills_its_column_and_changes_the_run_keys(tmp_path, finished):
+    outcome = run(tmp_path, batch_sizes=(16,), adaptive_rho=0.1, adaptive_steps=2)
+    assert outcome.exit_code == 0
+    rows = csv_rows(tmp_path)
+    default = {(r["batch_size"], r["lr"], r["seed"]): r for r in finished[1].rows}
+    for row in rows:
+        assert float(row["adaptive_sharpness"]) > 0
+        assert row["adaptive_rho"] == "0.1" and row["adaptive_steps"] == "2"
+        before = default[(row["batch_size"], row["lr"], row["seed"])]
+        assert math.isnan(float(before["adaptive_sharpness"])) and before["adaptive_rho"] == ""
+        assert row["config_hash"] != before["config_hash"]
+        assert float(row["lambda_max"]) == pytest.approx(float(before["lambda_max"]), rel=1e-5)
+    assert "adaptive_sharpness mean" in summary.table(rows)
+    assert "adaptive_sharpness" not in summary.table(finished[1].rows)
+
+
+def test_run_keys_leave_out_adaptive_settings_when_it_is_off():
+    settings = presets.resolve("tiny", "smoke", {"workdir": "w"}, tiny.EXPERIMENTS)
+    config, _ = split_settings(settings)
+    group = grid.plan_groups(config)[0]
+    assert not {"adaptive_rho", "adaptive_steps"} & set(
+        grid.run_settings(config, group, group.members[0]))
