@@ -426,8 +426,9 @@ def lambda_max(model, variables: PyTree, x_train: Array, y_train: Array, *,
   """lambda_max of the training loss of a Flax model, following the paper's protocol by default.
 
   The mean cross-entropy over a fixed strided subset of ``subset_size`` training examples (every
-  N // subset_size-th; None for all), with HVPs summed over chunks of ``min(batch_size, 1000)``
-  examples, BatchNorm in train mode (ghost batches of the chunk size) and dropout off.
+  N // subset_size-th; None for all), with HVPs averaged over chunks of
+  ``min(batch_size, 1000)`` examples, BatchNorm in train mode (ghost batches of the chunk size)
+  and dropout off.
 
   Args:
     model, variables: the Flax model and its variables (``params``, optional ``batch_stats``).
