@@ -79,7 +79,8 @@ def top_eigenvalue(
       64 for Lanczos, 1000 for power.
     tol: stop once every wanted pair has ||H v - lambda v|| <= tol * |lambda|. Defaults to 1e-5
       in float32, 1e-10 in float64 and 1e-2 in float16/bfloat16 (whose vectors and eigensolves
-      run in float32, their HVPs in the params' dtype). The eigenvalue's relative error is about tol^2 * |lambda| / gap.
+      run in float32, their HVPs in the params' dtype). The eigenvalue's relative error is about
+      tol^2 * |lambda| / gap.
     key: PRNG key for the random start vector (default PRNGKey(0)).
     init: a start vector like ``params`` (e.g. the previous eigenvector, to warm-start tracking);
       an all-zero or non-finite one is replaced by the random start.
@@ -128,9 +129,11 @@ def _solve(loss_fn, hvp_fn, params, key, init, *, k, method, which, num_iters, t
   v0 = v0 / jnp.linalg.norm(v0)
 
   if method == "lanczos":
-    vals, vecs, hvps, converged = lanczos(matvec, v0, k=k, which=which, num_iters=num_iters, tol=tol)
+    vals, vecs, hvps, converged = lanczos(matvec, v0, k=k, which=which, num_iters=num_iters,
+                                          tol=tol)
   else:
-    val, vec, hvps, converged = power_iteration(matvec, v0, which=which, num_iters=num_iters, tol=tol)
+    val, vec, hvps, converged = power_iteration(matvec, v0, which=which, num_iters=num_iters,
+                                                tol=tol)
     vals, vecs = val[None], vec[None]
 
   residual = jax.vmap(lambda lam, v: jnp.linalg.norm(matvec(v) - lam * v))(vals, vecs)
@@ -415,7 +418,8 @@ def dataset_hvp(chunk_loss: ChunkLoss, params: PyTree, v: PyTree, x: Array, y: A
 
 
 def protocol_chunk(batch_size: int, chunk_size: int | None = None) -> int:
-  """The chunk (ghost batch) of the lambda_max protocol: ``chunk_size``, else min(batch_size, 1000)."""
+  """The chunk (ghost batch) of the lambda_max protocol: ``chunk_size``, else
+  min(batch_size, 1000)."""
   return chunk_size if chunk_size is not None else min(batch_size, 1000)
 
 
