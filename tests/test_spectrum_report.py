@@ -157,8 +157,10 @@ def test_cpu_preset_is_the_batch_lr_cpu_setup_at_lr_0_1():
     config, options = report_lib.resolve({})
     batch_lr = {**presets.BATCH_LR.base, **presets.BATCH_LR.presets["cpu"]}
     for name in ("dataset", "model", "width", "train_subset", "max_epochs", "target_acc",
-                 "lambda_subset", "lambda_iters"):
+                 "lambda_iters"):
         assert getattr(config, name) == batch_lr[name]
+    # The measures take many HVPs each, so they may use fewer examples than the batch_lr loss.
+    assert 0 < config.lambda_subset <= batch_lr["lambda_subset"]
     assert config.batch_size in batch_lr["batch_sizes"] and config.lr in batch_lr["lrs"]
     assert options == {"workdir": report_lib.DEFAULT_WORKDIR, "data_dir": None, "quiet": False}
     assert report_lib.resolve({"model": "mlp"})[0].width is None  # the preset's VGG width
