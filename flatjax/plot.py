@@ -22,10 +22,12 @@ import dataclasses
 import io
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 from matplotlib.transforms import blended_transform_factory
 
 from flatjax import presets, results, summary
@@ -64,6 +66,7 @@ FIGURES = {
     "dropout": FigureSpec(x="dropout", x_label="dropout probability p", x_log=False),
 }
 
+CAPTION_WIDTH = 140  # characters per line of the note under a figure (11 inches, small font)
 METRICS = (("test_acc", "test accuracy", False), ("lambda_max", "lambda_max", True))
 
 
@@ -130,6 +133,9 @@ def draw_panel(ax, rows, spec: FigureSpec, metric: str, label: str, log_y: bool)
         grid = np.geomspace(x_values.min(), x_values.max(), 50)
         ax.plot(grid, 2 / grid, "--", color="gray", label="2 / LR")
     ax.set_xscale("log" if spec.x_log else "linear")
+    grid_values = sorted({summary.axis_value(r, spec.x) for r in rows})
+    ax.set_xticks(grid_values, [shown(v) for v in grid_values])
+    ax.xaxis.set_minor_locator(NullLocator())
     if log_y:
         ax.set_yscale("log")
     ax.set_xlabel(spec.x_label)
@@ -144,7 +150,7 @@ def caption(rows, note: str) -> str:
     failed = sum(r["status"] == "failed" for r in rows)
     text = (f"Mean over seeds, band min-max. Hollow: some seeds not converged (included). "
             f"x: all seeds diverged. Excluded: {diverged} diverged, {failed} failed runs.")
-    return f"{text}\n{note}" if note else text
+    return "\n".join([text, *textwrap.wrap(note, CAPTION_WIDTH)])
 
 
 def draw(rows, spec: FigureSpec, title: str = "", note: str = "") -> Figure:

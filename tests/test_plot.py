@@ -90,6 +90,9 @@ def test_panels_show_the_means_over_seeds(workdir):
             np.testing.assert_allclose(line.get_xdata(), list(expected))
             np.testing.assert_allclose(line.get_ydata(), list(expected.values()), rtol=1e-12)
             assert to_rgba(line.get_color()) == to_rgba(f"C{index}")
+    for ax in (acc, lam):  # one labelled tick per grid LR, no minor-tick labels to overlap them
+        assert [t.get_text() for t in ax.get_xticklabels()] == [f"{lr:g}" for lr in sorted(LRS)]
+        assert not ax.get_xticklabels(minor=True)
     eos = {line.get_label(): line for line in lam.get_lines()}["2 / LR"]
     np.testing.assert_allclose(eos.get_ydata(), 2 / eos.get_xdata())
     assert eos.get_xdata().min() == min(LRS) and eos.get_xdata().max() == max(LRS)
@@ -106,6 +109,15 @@ def test_markers_show_unconverged_and_diverged_points(workdir):
     crosses = [line for line in acc.get_lines() if line.get_marker() == "x"]
     assert [list(line.get_xdata()) for line in crosses] == [[1.0]]  # bs 100, all diverged
     assert "Excluded: 3 diverged, 1 failed runs." in fig._supxlabel.get_text()
+
+
+def test_a_long_note_is_wrapped_under_the_figure(workdir):
+    rows = results.read_rows(workdir / results.FILENAME)
+    note = " ".join(["a long note"] * 60)
+    caption = plot.draw(rows, plot.FIGURES["batch_lr"], note=note)._supxlabel.get_text()
+    lines = caption.splitlines()
+    assert len(lines) >= 4 and max(map(len, lines)) <= plot.CAPTION_WIDTH
+    assert " ".join(lines[1:]) == note
 
 
 def test_summary_table_lists_each_grid_point():
