@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -35,6 +36,17 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def finite_float(text: str) -> float:
+    """A finite number (inf and nan are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def list_of(parse: Callable, kind: str) -> Callable[[str], tuple]:
     """An argparse type for a comma-separated list of `kind`."""
 
@@ -55,6 +67,7 @@ def zero_is_none(parse: Callable) -> Callable[[str], object]:
         value = parse(text)
         return None if value == 0 else value
 
+    parse_value.__name__ = getattr(parse, "__name__", "value")  # argparse's "invalid int value"
     return parse_value
 
 
@@ -64,25 +77,25 @@ FLAGS = (
     ("workdir", Path, "output folder (default: runs/EXPERIMENT_PRESET)"),
     ("data_dir", str, "folder holding the datasets (see flatjax.data)"),
     ("seeds", int, "number of seeds per grid point (seeds 0..N-1)"),
-    ("lrs", list_of(float, "numbers"), "learning rates, e.g. 0.01,0.1"),
+    ("lrs", list_of(finite_float, "finite numbers"), "learning rates, e.g. 0.01,0.1"),
     ("batch_sizes", list_of(int, "integers"), "batch sizes, e.g. 100,1000"),
-    ("rhos", list_of(float, "numbers"), "SAM radii (SAM experiments only)"),
-    ("dropouts", list_of(float, "numbers"), "dropout probabilities in [0, 1)"),
+    ("rhos", list_of(finite_float, "finite numbers"), "SAM radii (SAM experiments only)"),
+    ("dropouts", list_of(finite_float, "finite numbers"), "dropout probabilities in [0, 1)"),
     ("batch_norms", list_of(parse_bool, "true/false"), "BatchNorm off/on, e.g. false,true"),
     ("max_epochs", int, "epoch cap; a run that has not reached the target is not_converged"),
-    ("target_acc", float, "train accuracy at which a run has converged (paper: 0.99)"),
+    ("target_acc", finite_float, "train accuracy at which a run has converged (paper: 0.99)"),
     ("train_subset", zero_is_none(int), "strided training subset size (0: the full set)"),
-    ("width", float, "VGG width multiplier"),
+    ("width", finite_float, "VGG width multiplier"),
     ("hidden", int, "MLP hidden units"),
     ("sam_policy", str, "which SAM pass updates BatchNorm statistics: clean | perturbed | both"),
     ("lambda_subset", zero_is_none(int), "examples in the strided lambda_max subset (0: all)"),
     ("lambda_batch_norm", str, "BatchNorm mode of the lambda_max loss: train | eval"),
     ("lambda_iters", int, "Lanczos iterations cap"),
-    ("lambda_tol", float, "Lanczos relative residual tolerance"),
-    ("between_iterates_below_lr", zero_is_none(float),
+    ("lambda_tol", finite_float, "Lanczos relative residual tolerance"),
+    ("between_iterates_below_lr", zero_is_none(finite_float),
      "BatchNorm nets with LR below this use the between-iterates lambda_max (0: never)"),
     ("between_iterates_points", int, "interpolation points of the between-iterates measure"),
-    ("adaptive_rho", zero_is_none(float),
+    ("adaptive_rho", zero_is_none(finite_float),
      "radius of the adaptive sharpness measured next to lambda_max (0: not measured)"),
     ("adaptive_steps", int, "gradient-ascent steps of the adaptive sharpness measure"),
     ("track_every", int, "measure lambda_max every K training steps too, warm-started (0: off)"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 
 CONFIG_FILE = "config.json"
@@ -127,8 +128,8 @@ def config_problems(config: SweepConfig) -> list[str]:
             problems.append(f"--{name} needs at least one value")
     if any(b < 1 for b in config.batch_sizes):
         problems.append(f"batch sizes must be positive integers, got {list(config.batch_sizes)}")
-    if any(not lr > 0 for lr in config.lrs):
-        problems.append(f"learning rates must be positive, got {list(config.lrs)}")
+    if any(not 0 < lr < math.inf for lr in config.lrs):
+        problems.append(f"learning rates must be positive and finite, got {list(config.lrs)}")
     if any(not rho >= 0 for rho in config.rhos):
         problems.append(f"rho must be >= 0, got {list(config.rhos)}")
     if any(not 0 <= p < 1 for p in config.dropouts):
@@ -161,8 +162,9 @@ def config_problems(config: SweepConfig) -> list[str]:
         problems.append(f"--target_acc must be in (0, 1], got {config.target_acc}")
     if config.track_every < 0:
         problems.append(f"--track_every must be >= 0 (0: no tracking), got {config.track_every}")
-    if config.adaptive_rho is not None and not config.adaptive_rho > 0:
-        problems.append(f"--adaptive_rho must be > 0 (0: not measured), got {config.adaptive_rho}")
+    if config.adaptive_rho is not None and not 0 < config.adaptive_rho < math.inf:
+        problems.append(f"--adaptive_rho must be > 0 and finite (0: not measured), "
+                        f"got {config.adaptive_rho}")
     if config.adaptive_steps < 0:
         problems.append(f"--adaptive_steps must be >= 0, got {config.adaptive_steps}")
     if config.between_iterates_points < 2:

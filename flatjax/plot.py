@@ -208,11 +208,16 @@ def workdir_rows(workdir: Path, table: str, key=results.row_key) -> tuple[dict, 
     return config, rows
 
 
-def save_png(fig: Figure, out: Path) -> Path:
-    """Write `fig` to `out` as a PNG, atomically; return `out`."""
+def png_bytes(fig: Figure) -> bytes:
+    """`fig` as PNG data."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
-    results.write_atomic(out, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_png(fig: Figure, out: Path) -> Path:
+    """Write `fig` to `out` as a PNG, atomically; return `out`."""
+    results.write_atomic(out, png_bytes(fig))
     return out
 
 

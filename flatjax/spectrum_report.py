@@ -49,6 +49,7 @@ DEFAULT_WORKDIR = Path("runs/spectrum")
 
 GRID_POINTS = 1000
 GRID_MARGIN = 6.0  # the grid ends this many sigma past the extreme nodes: 2e-9 of the mass beyond
+MIN_SIGMA_FRACTION = 2 / GRID_POINTS  # sigma at least ~2 grid spacings: the density sums to 1
 DENSITY_FLOOR = 1e-10  # the log density axis starts this far below the density's peak
 MODEL_OPTIONS = {"vgg11": ("width", "batch_norm"), "mlp": ("hidden",)}
 
@@ -124,6 +125,10 @@ def config_problems(config: SpectrumConfig) -> list[str]:
         value = getattr(config, name)
         if value is not None and not value > 0:
             problems.append(f"--{name} must be > 0, got {value}")
+    if config.sigma_fraction is not None and 0 < config.sigma_fraction < MIN_SIGMA_FRACTION:
+        problems.append(f"--sigma_fraction must be >= {MIN_SIGMA_FRACTION} (a narrower Gaussian "
+                        f"falls between the {GRID_POINTS} points of the density's grid), "
+                        f"got {config.sigma_fraction}")
     if not config.adaptive_eta >= 0:
         problems.append(f"--adaptive_eta must be >= 0, got {config.adaptive_eta}")
     if not 0 < config.target_acc <= 1:
@@ -152,13 +157,13 @@ FLAGS = (
                       "places flatjax.data searches)"),
     ("dataset", str, " | ".join(data_lib.DATASETS)),
     ("model", str, " | ".join(MODEL_OPTIONS)),
-    ("width", float, "VGG width multiplier"),
+    ("width", cli.finite_float, "VGG width multiplier"),
     ("hidden", int, "MLP hidden units"),
     ("train_subset", cli.zero_is_none(int), "strided training subset size (0: the full set)"),
     ("batch_size", int, "training batch size; also sets the chunk of the measured loss"),
-    ("lr", float, "SGD learning rate"),
+    ("lr", cli.finite_float, "SGD learning rate"),
     ("max_epochs", int, "epoch cap"),
-    ("target_acc", float, "train accuracy at which training stops"),
+    ("target_acc", cli.finite_float, "train accuracy at which training stops"),
     ("seed", int, "seed of the initialization, the data order and the probes"),
     ("lambda_subset", cli.zero_is_none(int),
      "examples in the strided subset every measure uses (0: all)"),
@@ -166,10 +171,11 @@ FLAGS = (
     ("trace_hvps", int, "HVPs of each trace estimate (Hutchinson probes, Hutch++ budget; >= 3)"),
     ("probes", int, "SLQ probes"),
     ("slq_iters", int, "Lanczos steps per SLQ probe"),
-    ("sigma_fraction", float, "Gaussian smoothing width of the density as a fraction of the "
-                              "range of its Ritz nodes"),
-    ("adaptive_rho", float, "radius of the adaptive sharpness ball"),
-    ("adaptive_eta", float, "offset of the ball's scale |w| + eta"),
+    ("sigma_fraction", cli.finite_float,
+     f"Gaussian smoothing width of the density as a fraction of the range of its Ritz nodes "
+     f"(>= {MIN_SIGMA_FRACTION})"),
+    ("adaptive_rho", cli.finite_float, "radius of the adaptive sharpness ball"),
+    ("adaptive_eta", cli.finite_float, "offset of the ball's scale |w| + eta"),
     ("adaptive_steps", int, "gradient-ascent steps of the adaptive sharpness"),
 )
 SWITCHES = (
@@ -407,15 +413,21 @@ def slq_trace(report: Report) -> spectrum.MomentEstimate:
     return spectrum.MomentEstimate(n * moment.moment, n * moment.stderr)
 
 
+def loss_examples(report: Report) -> tuple[int, int]:
+    """(examples, chunk) of the measured loss: the strided subset, in chunks of at most its size."""
+    examples = report.config.lambda_subset or len(report.dataset.x_train)
+    return examples, min(hessian.protocol_chunk(report.config.batch_size), examples)
+
+
 def summary_json(report: Report) -> dict:
     """spectrum.json: settings, training outcome and every scalar measure."""
     c, m, t = report.config, report.measures, report.training
     nodes = np.asarray(m.density.nodes)
     trace = slq_trace(report)
+    examples, chunk = loss_examples(report)
     return {
         "settings": dataclasses.asdict(c),
-        "loss": {"examples": c.lambda_subset or len(report.dataset.x_train),
-                 "chunk": hessian.protocol_chunk(c.batch_size),
+        "loss": {"examples": examples, "chunk": chunk,
                  "batch_norm": "train" if c.batch_norm else "none", "dropout": "off",
                  "num_params": sum(m.block_sizes.values())},
         "training": {"status": t.status[0], "epochs": scalar(t.epochs[0]),
@@ -482,10 +494,10 @@ def title_of(report: Report) -> str:
 def caption_of(report: Report) -> str:
     """How the figure's measures were taken."""
     c, curve = report.config, report.curve
-    examples = c.lambda_subset or len(report.dataset.x_train)
+    examples, chunk = loss_examples(report)
     batch_norm = "BatchNorm in train mode, " if c.batch_norm else ""
     return (f"Loss: {examples} strided train examples in chunks of "
-            f"{hessian.protocol_chunk(c.batch_size)}, {batch_norm}dropout off. Density: SLQ, "
+            f"{chunk}, {batch_norm}dropout off. Density: SLQ, "
             f"{c.probes} probes x {c.slq_iters} Lanczos steps, Gaussian smoothing sigma = "
             f"{c.sigma_fraction:g} x node range = {curve.sigma:.3g}.")
 
@@ -521,15 +533,17 @@ def draw(report: Report) -> Figure:
 
 
 def write_outputs(report: Report, workdir: Path) -> dict[str, Path]:
-    """Write the four outputs into `workdir` atomically; their paths by file name."""
-    paths = {name: workdir / name for name in (JSON_FILE, DENSITY_FILE, LAYERS_FILE, FIGURE_FILE)}
-    results.write_atomic(paths[JSON_FILE],
-                         json.dumps(summary_json(report), indent=2, allow_nan=False) + "\n")
-    results.write_atomic(paths[DENSITY_FILE],
-                         results.to_csv(density_rows(report.curve), DENSITY_COLUMNS))
-    results.write_atomic(paths[LAYERS_FILE], results.to_csv(layer_rows(report), LAYER_COLUMNS))
-    plot.save_png(draw(report), paths[FIGURE_FILE])
-    return paths
+    """Write the four outputs into `workdir`, each atomically and only once all four are made (a
+    failure leaves the previous ones whole); their paths by file name."""
+    contents = {
+        JSON_FILE: json.dumps(summary_json(report), indent=2, allow_nan=False) + "\n",
+        DENSITY_FILE: results.to_csv(density_rows(report.curve), DENSITY_COLUMNS),
+        LAYERS_FILE: results.to_csv(layer_rows(report), LAYER_COLUMNS),
+        FIGURE_FILE: plot.png_bytes(draw(report)),
+    }
+    for name, content in contents.items():
+        results.write_atomic(workdir / name, content)
+    return {name: workdir / name for name in contents}
 
 
 def table(report: Report) -> str:

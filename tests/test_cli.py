@@ -19,7 +19,7 @@ def error_of(capsys, argv, experiment="tiny") -> str:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--lrs=0,0.1"], "learning rates must be positive, got [0.0, 0.1]"),
+    (["--lrs=0,0.1"], "learning rates must be positive and finite, got [0.0, 0.1]"),
     (["--lrs=-0.1"], "learning rates must be positive"),
     (["--batch_sizes=0,16"], "batch sizes must be positive integers"),
     (["--batch_sizes=1000"], "batch size 1000 exceeds the 96 training examples of synthetic"),
@@ -29,7 +29,7 @@ def error_of(capsys, argv, experiment="tiny") -> str:
     (["--lambda_subset=500"], "--lambda_subset=500 exceeds the 96 training examples"),
     (["--lambda_batch_norm=ghost"], "--lambda_batch_norm must be one of train, eval"),
     (["--lambda_tol=-1"], "--lambda_tol must be >= 0, got -1.0"),
-    (["--adaptive_rho=-0.1"], "--adaptive_rho must be > 0 (0: not measured), got -0.1"),
+    (["--adaptive_rho=-0.1"], "--adaptive_rho must be > 0 and finite (0: not measured), got -0.1"),
     (["--adaptive_rho=0.1", "--adaptive_steps=-1"], "--adaptive_steps must be >= 0, got -1"),
     (["--preset=huge"], "unknown preset 'huge' for experiment 'tiny'; known: smoke, cpu"),
     (["--platform=tpu"], "--platform=tpu was asked for, but JAX has no tpu backend here"),
@@ -52,9 +52,14 @@ def test_unknown_experiment_is_refused(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--platform=quantum"], "invalid choice: 'quantum'"),
-    (["--lrs=0.1,fast"], "expected a comma-separated list of numbers, got '0.1,fast'"),
+    (["--lrs=0.1,fast"], "expected a comma-separated list of finite numbers, got '0.1,fast'"),
     (["--quiet=perhaps"], "expected true or false, got 'perhaps'"),
     (["--seeds=two"], "invalid int value: 'two'"),
+    (["--train_subset=many"], "invalid int value: 'many'"),
+    (["--lrs=0.1,inf"], "expected a comma-separated list of finite numbers, got '0.1,inf'"),
+    (["--adaptive_rho=inf"], "expected a finite number, got 'inf'"),
+    (["--width=nan"], "expected a finite number, got 'nan'"),
+    (["--target_acc=high"], "expected a number, got 'high'"),
 ])
 def test_malformed_flags_stop_with_usage(capsys, argv, message):
     with pytest.raises(SystemExit) as stop:
@@ -99,6 +104,19 @@ def test_workdir_of_another_configuration_is_refused_unless_fresh(tmp_path, caps
     assert json.loads((archive / CONFIG_FILE).read_text())["lrs"] == [0.5, 1.0]
     assert json.loads((tmp_path / CONFIG_FILE).read_text())["lrs"] == [0.1]
     assert not (tmp_path / "results.csv").exists()
+
+
+def test_adaptive_steps_do_not_matter_while_adaptive_sharpness_is_off(tmp_path, capsys):
+    config, _ = tiny_config(tmp_path, adaptive_rho=None, adaptive_steps=10)
+    sweep.claim_workdir(tmp_path, config, fresh=False)
+    (tmp_path / "results.csv").write_text("old results\n")
+    other_steps, _ = tiny_config(tmp_path, adaptive_rho=None, adaptive_steps=3)
+    sweep.check_configuration(tmp_path, other_steps, fresh=False)  # not refused
+    measured, _ = tiny_config(tmp_path, adaptive_rho=0.1, adaptive_steps=3)
+    with pytest.raises(ConfigError) as refused:
+        sweep.check_configuration(tmp_path, measured, fresh=False)
+    assert "adaptive_rho: None -> 0.1, adaptive_steps: None -> 3" in str(refused.value)
+    assert "--adaptive_rho=0 keeps adaptive sharpness unmeasured" in str(refused.value)
 
 
 def test_flags_override_the_preset_and_defaults_follow_the_platform():

@@ -1,6 +1,7 @@
 """experiments/spectrum.py end to end (smoke preset, synthetic Fashion-MNIST): files and math."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import subprocess
@@ -153,6 +154,21 @@ def test_figure_decodes_to_a_drawn_image(smoke):
         assert np.any(np.all(colors == color, axis=1))
 
 
+def test_a_failing_output_leaves_the_previous_outputs_whole(smoke, tmp_path, monkeypatch):
+    _, _, report, workdir, _ = smoke
+    before = {p.name: p.read_bytes() for p in workdir.iterdir()}
+    for name, content in before.items():
+        (tmp_path / name).write_bytes(content)
+
+    def broken(report):
+        raise ValueError("Axis limits cannot be NaN or Inf")
+
+    monkeypatch.setattr(report_lib, "draw", broken)
+    with pytest.raises(ValueError, match="Axis limits"):
+        report_lib.write_outputs(report, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_cpu_preset_is_the_batch_lr_cpu_setup_at_lr_0_1():
     config, options = report_lib.resolve({})
     batch_lr = {**presets.BATCH_LR.base, **presets.BATCH_LR.presets["cpu"]}
@@ -179,6 +195,8 @@ def error_of(capsys, argv) -> str:
     (["--trace_hvps=2"], "--trace_hvps must be an integer >= 3, got 2"),
     (["--lr=0"], "--lr must be > 0, got 0.0"),
     (["--sigma_fraction=-1"], "--sigma_fraction must be > 0, got -1.0"),
+    (["--sigma_fraction=1e-4"], "--sigma_fraction must be >= 0.002 (a narrower Gaussian falls "
+                                "between the 1000 points of the density's grid), got 0.0001"),
     (["--width=0.5"], "--width does not apply to --model=mlp (it takes --hidden); drop --width"),
     (["--batch_norm"], "--batch_norm does not apply to --model=mlp"),
     (["--preset=huge"], "unknown preset 'huge'; known: cpu, smoke"),
@@ -191,6 +209,17 @@ def test_bad_flags_are_refused_naming_the_flag(tmp_path, capsys, data_dir, argv,
     err = error_of(capsys, [f"--data_dir={data_dir}", f"--workdir={tmp_path / 'w'}", *argv])
     assert f"error: {message}" in err
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr=inf"], "expected a finite number, got 'inf'"),
+    (["--sigma_fraction=nan"], "expected a finite number, got 'nan'"),
+    (["--train_subset=all"], "invalid int value: 'all'"),
+])
+def test_malformed_flags_stop_with_usage(capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        report_lib.main(["--platform=cpu", "--preset=smoke", *argv])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_missing_data_is_refused(tmp_path, capsys):
@@ -211,3 +240,11 @@ def test_the_script_refuses_a_bad_flag_with_exit_code_2():
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2, done.stderr
     assert "error: --probes must be an integer >= 1, got 0" in done.stderr
+
+
+def test_the_loss_chunk_is_at_most_the_measured_subset(smoke):
+    report = smoke[2]
+    assert report_lib.loss_examples(report) == (200, 100)
+    small = report._replace(config=dataclasses.replace(report.config, lambda_subset=50))
+    assert report_lib.loss_examples(small) == (50, 50)
+    assert "50 strided train examples in chunks of 50," in report_lib.caption_of(small)
