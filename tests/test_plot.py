@@ -111,6 +111,17 @@ def test_markers_show_unconverged_and_diverged_points(workdir):
     assert "Excluded: 3 diverged, 1 failed runs." in fig._supxlabel.get_text()
 
 
+def test_caption_counts_trained_runs_without_a_finite_lambda_max(workdir):
+    rows = results.read_rows(workdir / results.FILENAME)
+    spec = plot.FIGURES["batch_lr"]
+    assert "lambda_max (left out" not in plot.draw(rows, spec)._supxlabel.get_text()
+    broken = [dict(r) for r in rows]
+    trained = [r for r in broken if r["status"] in ("converged", "not_converged")]
+    trained[0]["lambda_max"], trained[1]["lambda_max"] = "inf", "nan"
+    caption = plot.draw(broken, spec)._supxlabel.get_text()
+    assert "2 trained runs have no finite lambda_max (left out of its panels)." in caption
+
+
 def test_a_long_note_is_wrapped_under_the_figure(workdir):
     rows = results.read_rows(workdir / results.FILENAME)
     note = " ".join(["a long note"] * 60)
