@@ -34,6 +34,7 @@ import gzip
 import hashlib
 import http.client
 import io
+import logging
 import lzma
 import math
 import operator
@@ -60,6 +61,8 @@ __all__ = [
     "standardize",
     "strided_subset",
 ]
+
+log = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
 IMAGE_SHAPES = {"cifar10": (32, 32, 3), "fashion_mnist": (28, 28, 1)}
@@ -164,11 +167,13 @@ def load_raw(name, data_dir=None, *, download=True) -> Dataset:
     for folder, label in _local_folders(name, data_dir, looked):
         found = _find_format(name, folder)
         if found:
+            log.info("%s: %s (%s)", name, folder, label)
             return _read(*found, IMAGE_SHAPES[name])
         looked.append(f"{folder} ({label}): {_why_not(folder)}")
 
     dataset = _load_tfds(name, download, looked)
     if dataset is not None:
+        log.info("%s: TensorFlow Datasets", name)
         return dataset
 
     cache = _cache_root(None) / FOLDERS[name][0]
@@ -180,6 +185,7 @@ def load_raw(name, data_dir=None, *, download=True) -> Dataset:
             raise FileNotFoundError(_missing_message(name, looked)) from error
     found = _find_format(name, cache)
     if found:
+        log.info("%s: %s (download cache)", name, cache)
         return _read(*found, IMAGE_SHAPES[name])
     looked.append(f"{cache} (download cache): {_why_not(cache)}, and download=False")
     raise FileNotFoundError(_missing_message(name, looked))

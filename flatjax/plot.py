@@ -190,7 +190,8 @@ def read_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); rerun the sweep to rewrite it") from None
+        raise ValueError(f"{path} is not valid JSON ({error}); rerun the sweep to rewrite "
+                         f"it") from None
     missing = [k for k in ("experiment", "figure", "dataset", "preset", "seeds")
                if not isinstance(config, dict) or k not in config]
     if missing:
@@ -202,9 +203,11 @@ def read_config(path: Path) -> dict:
 def workdir_rows(workdir: Path, table: str, key=results.row_key) -> tuple[dict, list[dict]]:
     """(config.json, the rows of the experiment in `table`) of a sweep workdir."""
     config_path, table_path = workdir / CONFIG_FILE, workdir / table
-    for path in (config_path, table_path):
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: {workdir} is not a sweep workdir")
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: {workdir} is not a sweep workdir")
+    if not table_path.exists():
+        raise FileNotFoundError(f"{table_path} not found: the sweep in {workdir} has not "
+                                f"finished a run yet")
     config = read_config(config_path)
     rows = [r for r in results.read_rows(table_path, key)
             if r["experiment"] == config["experiment"]]

@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import http.server
 import io
+import logging
 import os
 import pickle
 import socket
@@ -362,6 +363,20 @@ def test_env_data_dir_and_explicit_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("FLATJAX_DATA_DIR", str(tmp_path / "env"))
     assert_same(data.load_raw("cifar10", download=False), env_ds)
     assert_same(data.load_raw("cifar10", tmp_path / "arg", download=False), arg_ds)
+
+
+def test_the_source_used_is_logged(tmp_path, monkeypatch, caplog):
+    write_npz(tmp_path / "env" / "cifar10", fake_dataset(CIFAR_SHAPE))
+    monkeypatch.setenv("FLATJAX_DATA_DIR", str(tmp_path / "env"))
+    with caplog.at_level(logging.INFO, logger="flatjax.data"):
+        data.load_raw("cifar10", download=False)
+    assert caplog.messages == [f"cifar10: {tmp_path / 'env' / 'cifar10'} (FLATJAX_DATA_DIR)"]
+    caplog.clear()
+    fake_tfds(monkeypatch, fake_dataset(FASHION_SHAPE))
+    monkeypatch.setitem(data.DEBIAN_FOLDERS, "fashion_mnist", tmp_path / "none")
+    with caplog.at_level(logging.INFO, logger="flatjax.data"):
+        data.load_raw("fashion_mnist", download=False)
+    assert caplog.messages == ["fashion_mnist: TensorFlow Datasets"]
 
 
 def test_debian_folder_is_used(tmp_path, monkeypatch):

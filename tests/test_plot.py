@@ -144,6 +144,9 @@ def test_summary_table_lists_each_grid_point():
 def test_plot_of_a_folder_without_results_is_an_error(tmp_path, capsys):
     assert plot.main([str(tmp_path)]) == 1
     assert "is not a sweep workdir" in capsys.readouterr().err
+    (tmp_path / CONFIG_FILE).write_text("{}")  # a sweep that has not finished a run
+    assert plot.main([str(tmp_path)]) == 1
+    assert f"the sweep in {tmp_path} has not finished a run yet" in capsys.readouterr().err
     assert plot.main([]) == 2
 
 
