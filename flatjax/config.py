@@ -199,6 +199,14 @@ def split_settings(settings: dict) -> tuple[SweepConfig, RunOptions]:
     return SweepConfig(**sweep), RunOptions(**run)
 
 
+def without_unmeasured(settings: dict) -> dict:
+    """`settings` less the adaptive sharpness settings when it is not measured (adaptive_rho
+    None): they then change no result."""
+    if settings.get("adaptive_rho") is None:
+        return {k: v for k, v in settings.items() if k not in ("adaptive_rho", "adaptive_steps")}
+    return settings
+
+
 def config_hash(payload: dict) -> str:
     """A short, stable hash of a JSON-ready dict (key order does not matter)."""
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-from flatjax.config import SweepConfig, config_hash
+from flatjax.config import SweepConfig, config_hash, without_unmeasured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +66,9 @@ def run_settings(config: SweepConfig, group: Group, member: Member) -> dict:
     }
     if config.optimizer != "sam":
         shared.pop("sam_policy")
-    if config.adaptive_rho is None:
-        shared.pop("adaptive_rho")
-        shared.pop("adaptive_steps")
-    return {**shared, "batch_size": group.batch_size, "batch_norm": group.batch_norm,
-            "dropout": group.dropout, "lr": member.lr, "rho": member.rho}
+    return {**without_unmeasured(shared), "batch_size": group.batch_size,
+            "batch_norm": group.batch_norm, "dropout": group.dropout, "lr": member.lr,
+            "rho": member.rho}
 
 
 def run_key(config: SweepConfig, group: Group, member: Member) -> tuple[str, int]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 import sys
 import textwrap
 from pathlib import Path
@@ -151,8 +150,8 @@ def caption(rows, note: str) -> str:
     failed = sum(r["status"] == "failed" for r in rows)
     text = (f"Mean over seeds, band min-max. Hollow: some seeds not converged (included). "
             f"x: all seeds diverged. Excluded: {diverged} diverged, {failed} failed runs.")
-    unmeasured = sum(r["status"] in summary.TRAINED
-                     and not math.isfinite(results.parse_float(r.get("lambda_max"))) for r in rows)
+    trained = sum(r["status"] in summary.TRAINED for r in rows)
+    unmeasured = trained - summary.metric_stat(rows, "lambda_max").count
     if unmeasured:
         text += f" {unmeasured} trained runs have no finite lambda_max (left out of its panels)."
     return "\n".join([text, *textwrap.wrap(note, CAPTION_WIDTH)])

@@ -46,6 +46,7 @@ from flatjax.config import (
     SweepConfig,
     config_hash,
     with_defaults,
+    without_unmeasured,
 )
 
 log = logging.getLogger(__name__)
@@ -221,19 +222,12 @@ def config_differences(workdir: Path, config: SweepConfig) -> str:
         saved = with_defaults(json.loads(path.read_text()))
     except json.JSONDecodeError:
         return f"{path} is not valid JSON"
-    saved, new = deciding(saved), deciding(config.to_json())
+    saved, new = without_unmeasured(saved), without_unmeasured(config.to_json())
     keys = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
     text = ", ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in keys)
     if "adaptive_rho" in keys and saved.get("adaptive_rho") is None:
         text += "; --adaptive_rho=0 keeps adaptive sharpness unmeasured, as these results are"
     return text
-
-
-def deciding(settings: dict) -> dict:
-    """The settings that decide a sweep's results: adaptive_steps only when adaptive_rho is set."""
-    if settings.get("adaptive_rho") is None:
-        return {k: v for k, v in settings.items() if k != "adaptive_steps"}
-    return settings
 
 
 def archive_previous(workdir: Path) -> None:
